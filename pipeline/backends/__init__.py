@@ -1,0 +1,1 @@
+"""Model backends: `openai` (any OpenAI-compatible server) and `offline` (pixels only, no network)."""

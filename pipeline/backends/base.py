@@ -1,0 +1,93 @@
+"""What a backend takes and gives back, and the typed failures it raises.
+
+A backend turns one `ModelRequest` into one `ModelReply` or raises `APIFailure` with an `ErrorKind`.
+The retry policy (`pipeline.retry`) and the rate limiter (`pipeline.limits`) read only these types,
+never exception messages.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Mapping, Protocol
+
+from pipeline.records import Usage
+
+
+class ErrorKind(str, enum.Enum):
+    RATE_LIMIT = "rate_limited"  # 429 rate_limit_exceeded: wait and retry, pause the whole pool
+    QUOTA = "insufficient_quota"  # 429 insufficient_quota: out of money, stop
+    TOO_LARGE = "request_too_large"  # 429/413 request too large: can never succeed
+    SERVER = "server_error"  # 5xx
+    TIMEOUT = "timeout"  # 408 or our own --timeout
+    CONNECTION = "connection_error"  # dropped connection, refused, reset
+    BAD_REQUEST = "bad_request"  # 400/422 for this image
+    AUTH = "auth"  # 401
+    PERMISSION = "permission"  # 403
+    NOT_FOUND = "model_not_found"  # 404
+    REFUSED = "refused"  # message.refusal, content_filter, apology
+    EMPTY = "empty"  # no text in the answer
+    INVALID = "invalid"  # structured answer that fails its schema
+    OTHER = "api_error"
+
+
+@dataclass(frozen=True)
+class ImagePayload:
+    """The image as it is sent: a data URL plus what token estimates need."""
+
+    data_url: str
+    mime: str
+    width: int
+    height: int
+    nbytes: int
+    reencoded: bool = False
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    image_id: str
+    prompt_text: str
+    image: ImagePayload
+    model: str
+    detail: str = "low"
+    max_tokens: int | None = 300
+    n: int = 1
+    temperature: float | None = None
+    response_schema: dict | None = None  # strict json_schema response_format when set
+    schema_name: str = "attributes"
+
+
+@dataclass(frozen=True)
+class ModelReply:
+    texts: list[str]  # one per choice, in order; refusals/empties already removed by the backend
+    usage: Usage
+    model: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    latency_s: float = 0.0
+    rejected: list[tuple[ErrorKind, str]] = field(default_factory=list)  # choices that were refusals/empty
+
+
+class APIFailure(Exception):
+    """A request failed. `kind` decides what happens next; `headers` carry retry-after and rate-limit info."""
+
+    def __init__(
+        self,
+        kind: ErrorKind,
+        message: str,
+        *,
+        status: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.status = status
+        self.headers = {k.lower(): v for k, v in (headers or {}).items()}
+
+
+class Backend(Protocol):
+    name: str
+
+    async def caption(self, request: ModelRequest) -> ModelReply: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,63 @@
+"""The options of a run, grouped, so no function takes forty arguments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ModelConfig:
+    """What is asked of the model and how."""
+
+    backend: str = "openai"  # "openai" | "offline"
+    model: str = "gpt-4o-mini"
+    base_url: str | None = None
+    detail: str = "low"  # low | high | auto
+    max_tokens: int = 300
+    temperature: float | None = None
+    captions_per_image: int = 1
+    timeout: float = 60.0  # seconds per request; a hung call is abandoned and retried
+
+
+@dataclass
+class LimitConfig:
+    """How hard to drive the API."""
+
+    concurrency: int = 16
+    rpm: float | None = None  # requests per minute; None = learn from headers, else --concurrency alone
+    tpm: float | None = None  # tokens per minute
+    max_attempts: int = 6
+    max_cost: float | None = None  # USD budget for this output folder
+    grace_seconds: float = 15.0  # after Ctrl-C: how long answers in flight may still arrive
+
+
+@dataclass
+class PriceConfig:
+    """USD per million tokens; None = take from config/pricing.toml for the model."""
+
+    price_in: float | None = None
+    price_cached_in: float | None = None
+    price_out: float | None = None
+
+
+@dataclass
+class RunConfig:
+    index: Path
+    out: Path
+    prompt_files: list[Path] = field(default_factory=list)
+    prompts_dir: Path | None = None
+    batch_size: int = 1000
+    model: ModelConfig = field(default_factory=ModelConfig)
+    limits: LimitConfig = field(default_factory=LimitConfig)
+    prices: PriceConfig = field(default_factory=PriceConfig)
+    dashboard: bool = True
+    dry_run: bool = False
+    progress_every: float = 5.0  # seconds between plain progress lines
+    api_key: str | None = field(default=None, repr=False)  # never printed, never written
+
+    def __repr__(self) -> str:  # belt and braces: the key never reaches a log through repr()
+        return (
+            f"RunConfig(index={self.index!s}, out={self.out!s}, model={self.model.model!r}, "
+            f"backend={self.model.backend!r}, batch_size={self.batch_size})"
+        )

@@ -18,6 +18,7 @@ class ModelConfig:
     temperature: float | None = None
     captions_per_image: int = 1
     timeout: float = 60.0  # seconds per request; a hung call is abandoned and retried
+    http_client: str = "aiohttp"  # SDK transport: aiohttp (default, cheaper per request) | httpx
 
 
 @dataclass

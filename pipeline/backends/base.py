@@ -77,11 +77,15 @@ class APIFailure(Exception):
         *,
         status: int | None = None,
         headers: Mapping[str, str] | None = None,
+        usage: Usage | None = None,
+        model: str = "",
     ) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.status = status
+        self.usage = usage  # set when the server answered (and billed) but the answer is no caption
+        self.model = model
         self.headers = {k.lower(): v for k, v in (headers or {}).items()}
 
 

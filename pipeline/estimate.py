@@ -1,0 +1,376 @@
+"""`run --dry-run`: what is left to caption in an output folder, and what it will cost. Sends nothing.
+
+The arithmetic (`estimate_cost`) is a pure function of hand-made items and a price, so it is tested
+without images or files. `build_estimate` does the reading: what is done (the same keys the writer
+counts when a run resumes), what the runner would still ask for (`pipeline.runner.plan_jobs`, so the
+forecast and the run never disagree on the work), and each image's pixel size from its header only.
+
+Reading 100,000 headers over a network drive takes minutes, so above `SAMPLE_SIZE` requests a seeded
+random sample is read and the figures are scaled; the table says so. Nothing is written: the output
+folder is read with `repair=False`, exactly like `status`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+
+from PIL import Image
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from pipeline.dashboard import fmt_int, fmt_usd
+from pipeline.outputs import CAPTIONS_ALL, read_captions
+from pipeline.prompts import render_prompt
+from pipeline.pricing import ModelPrice, PricingTable, cost_usd
+from pipeline.records import IndexEntry, Prompt, Usage
+from pipeline.status import read_done
+from pipeline.tokens import DEFAULT_MAX_OUTPUT_TOKENS, MESSAGE_OVERHEAD_TOKENS, image_tokens, text_tokens
+
+SAMPLE_SIZE = 2_000  # image headers read at most; above this many requests the figures are scaled
+DEFAULT_OUTPUT_TOKENS = 60  # per caption, when the folder has too few captions to measure
+MIN_ROWS_TO_MEASURE = 20
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class EstimateItem:
+    """One request still to send: one image, one prompt text, `n` captions asked in one go.
+
+    `width`/`height` are None when the image could not be read (it costs 0 tokens and is counted as
+    unreadable). `n` None means `captions_per_image`.
+    """
+
+    image_id: str
+    width: int | None
+    height: int | None
+    prompt_text: str
+    n: int | None = None
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    """The forecast of a dry run. Token and cost figures are for everything left (scaled when sampled)."""
+
+    model: str
+    detail: str
+    max_tokens: int | None
+    captions_per_image: int
+    expected_output_tokens: int  # per caption
+    requests: int
+    items_left: int  # captions still to make (work items)
+    image_tokens: int
+    text_tokens: int  # prompt text + message framing
+    output_tokens: int
+    output_tokens_max: int  # if every answer ran to max_tokens
+    cost_input: float
+    cost_output: float
+    cost_max: float  # input + output_tokens_max
+    size_counts: dict[tuple[int, int], int]  # pixel sizes seen -> requests (in the sample when sampled)
+    unreadable: int  # requests seen whose image could not be read
+    items_seen: int  # requests whose image size was looked at
+    price_input: float
+    price_cached_input: float
+    price_output: float
+    price_known: bool
+    # context, filled by build_estimate
+    items_total: int | None = None
+    items_done: int = 0
+    output_tokens_source: str = "given"
+    price_source: str | None = None
+    max_cost: float | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def input_tokens(self) -> int:
+        return self.image_tokens + self.text_tokens
+
+    @property
+    def cost_total(self) -> float:
+        return self.cost_input + self.cost_output
+
+    @property
+    def sampled(self) -> bool:
+        return self.items_seen < self.requests
+
+
+def _readable(width: int | None, height: int | None) -> bool:
+    return bool(width and height and width > 0 and height > 0)
+
+
+def estimate_cost(
+    items: Iterable[EstimateItem],
+    price: ModelPrice,
+    *,
+    detail: str,
+    max_tokens: int | None,
+    captions_per_image: int,
+    expected_output_tokens: int,
+    scale_to: int | None = None,
+) -> CostEstimate:
+    """Tokens and USD for `items`: per request the image and prompt are paid once, output per caption.
+
+    Input per request = framing + prompt text + image (the same sum as `pipeline.tokens.estimate_request`);
+    output = n x min(expected, max_tokens). When `items` is a sample, `scale_to` is the number of
+    requests it stands for and every count and cost is scaled by scale_to / len(items).
+    """
+    ceiling = DEFAULT_MAX_OUTPUT_TOKENS if max_tokens is None else max(0, max_tokens)
+    per_caption = min(max(0, expected_output_tokens), ceiling)
+    image_cache: dict[tuple[int, int], int] = {}
+    text_cache: dict[str, int] = {}
+    sizes: Counter[tuple[int, int]] = Counter()
+    seen = captions = unreadable = img_tok = txt_tok = out_tok = out_max = 0
+    for it in items:
+        seen += 1
+        n = max(1, it.n if it.n is not None else captions_per_image)
+        captions += n
+        if _readable(it.width, it.height):
+            size = (int(it.width), int(it.height))  # type: ignore[arg-type]
+            sizes[size] += 1
+            if size not in image_cache:
+                image_cache[size] = image_tokens(price.image_rule, size[0], size[1], detail)
+            img_tok += image_cache[size]
+        else:
+            unreadable += 1
+        if it.prompt_text not in text_cache:
+            text_cache[it.prompt_text] = MESSAGE_OVERHEAD_TOKENS + text_tokens(it.prompt_text)
+        txt_tok += text_cache[it.prompt_text]
+        out_tok += n * per_caption
+        out_max += n * ceiling
+
+    requests = seen if scale_to is None else scale_to
+    factor = requests / seen if seen else 0.0
+
+    def scaled(x: int) -> int:
+        return int(round(x * factor))
+
+    image_total, text_total = scaled(img_tok), scaled(txt_tok)
+    output_total, output_max_total = scaled(out_tok), scaled(out_max)
+    cost_in = cost_usd(price, Usage(prompt_tokens=image_total + text_total))
+    cost_out = cost_usd(price, Usage(completion_tokens=output_total))
+    cost_out_max = cost_usd(price, Usage(completion_tokens=output_max_total))
+    return CostEstimate(
+        model=price.model,
+        detail=detail,
+        max_tokens=max_tokens,
+        captions_per_image=captions_per_image,
+        expected_output_tokens=per_caption,
+        requests=requests,
+        items_left=scaled(captions),
+        image_tokens=image_total,
+        text_tokens=text_total,
+        output_tokens=output_total,
+        output_tokens_max=output_max_total,
+        cost_input=cost_in,
+        cost_output=cost_out,
+        cost_max=cost_in + cost_out_max,
+        size_counts=dict(sizes),
+        unreadable=unreadable,
+        items_seen=seen,
+        price_input=price.input,
+        price_cached_input=price.cached_input,
+        price_output=price.output,
+        price_known=price.known,
+    )
+
+
+# --- reading what the estimate needs -----------------------------------------------------------------
+
+def read_image_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from the file's header, without decoding pixels; None if it cannot be read.
+
+    Any failure counts as unreadable: a dry run must report a bad file, never crash on one.
+    """
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+    except Exception:  # noqa: BLE001 - PIL raises many types for bad headers (OSError, SyntaxError, ...)
+        return None
+    return (width, height) if width > 0 and height > 0 else None
+
+
+def measured_output_tokens(out_dir: Path) -> tuple[int, str]:
+    """Expected output tokens per caption: the mean of the captions already in the folder, else a default."""
+    rows = [r.completion_tokens for r in read_captions(Path(out_dir), repair=False) if r.completion_tokens > 0]
+    if len(rows) >= MIN_ROWS_TO_MEASURE:
+        return math.ceil(sum(rows) / len(rows)), f"mean of {fmt_int(len(rows))} captions in {CAPTIONS_ALL}"
+    return DEFAULT_OUTPUT_TOKENS, f"default (fewer than {MIN_ROWS_TO_MEASURE} captions to measure)"
+
+
+def reservoir_sample(items: Iterable[T], k: int, seed: int = 0) -> tuple[list[T], int]:
+    """A uniform random sample of at most k items in one pass (Algorithm R), and how many items there were.
+
+    One pass and O(k) memory: the plan of a 100,000-image run is never held in full.
+    """
+    rng = random.Random(seed)
+    sample: list[T] = []
+    count = 0
+    for item in items:
+        count += 1
+        if len(sample) < k:
+            sample.append(item)
+        else:
+            j = rng.randrange(count)
+            if j < k:
+                sample[j] = item
+    return sample, count
+
+
+def request_text(prompt: Prompt, image_id: str) -> str:
+    """The text the runner sends for this image, with a structured prompt's schema counted as text too
+    (the response_format is billed as input)."""
+    text = render_prompt(prompt, image_id)
+    if prompt.schema is not None:
+        text += json.dumps(prompt.schema, separators=(",", ":"))
+    return text
+
+
+def describe_price_source(table: PricingTable | None, *, overridden: bool = False) -> str:
+    """Where the prices came from, for the table: the pricing file and its date, or the command line."""
+    if overridden:
+        return "command line (--price-in/--price-out)"
+    if table is None:
+        return "unknown"
+    where = table.source.name if table.source is not None else "pricing table"
+    return f"{where}, taken on {table.taken_on}"
+
+
+def build_estimate(
+    entries: Sequence[IndexEntry],
+    prompts: Sequence[Prompt],
+    out_dir: Path,
+    price: ModelPrice,
+    *,
+    detail: str,
+    max_tokens: int | None,
+    captions_per_image: int,
+    max_cost: float | None = None,
+    price_source: str | None = None,
+    sample_size: int = SAMPLE_SIZE,
+    seed: int = 0,
+    size_of: Callable[[Path], tuple[int, int] | None] = read_image_size,
+) -> CostEstimate:
+    """Count what is left in `out_dir` for this index and these prompts, read image sizes, and estimate.
+
+    Read-only. The work left is the runner's own plan (`plan_jobs`), so the estimate asks for exactly
+    the requests a run would send: one per (image, prompt) with the missing caption slots as `n`.
+    """
+    from pipeline.runner import count_work, plan_jobs
+
+    out_dir = Path(out_dir)
+    done = read_done(out_dir).keys if out_dir.is_dir() else set()
+    total, items_done = count_work(list(entries), list(prompts), captions_per_image, done)
+    expected, source = measured_output_tokens(out_dir) if out_dir.is_dir() else (
+        DEFAULT_OUTPUT_TOKENS, f"default (no {CAPTIONS_ALL} yet)")
+    jobs: Iterator = plan_jobs(list(entries), list(prompts), captions_per_image, done)
+    sample, requests = reservoir_sample(jobs, sample_size, seed)
+    sizes: dict[Path, tuple[int, int] | None] = {}
+    items: list[EstimateItem] = []
+    for job in sample:
+        path = Path(job.entry.path)
+        if path not in sizes:
+            sizes[path] = size_of(path)
+        size = sizes[path]
+        items.append(
+            EstimateItem(
+                image_id=job.entry.image_id,
+                width=size[0] if size else None,
+                height=size[1] if size else None,
+                prompt_text=request_text(job.prompt, job.entry.image_id),
+                n=len(job.indices),
+            )
+        )
+    est = estimate_cost(
+        items,
+        price,
+        detail=detail,
+        max_tokens=max_tokens,
+        captions_per_image=captions_per_image,
+        expected_output_tokens=expected,
+        scale_to=requests,
+    )
+    notes = [f"{source}: {expected} output tokens per caption"]
+    if est.sampled:
+        notes.append(f"image sizes from a random sample of {fmt_int(est.items_seen)} of {fmt_int(requests)} "
+                     f"requests (seed {seed}); token and cost figures scaled")
+    notes.append("earlier failures are counted as left: the next run retries them")
+    notes.append("one request per image and prompt, its missing captions asked together (n)")
+    if any(p.schema is not None for p in prompts):
+        notes.append("structured prompts: one answer per image, schema counted as input text")
+    if not price.known:
+        notes.append("price unknown for this model: costs read as zero (pass --price-in/--price-out)")
+    notes.append("nothing was sent")
+    return replace(
+        est,
+        items_left=total - items_done,
+        items_total=total,
+        items_done=items_done,
+        output_tokens_source=source,
+        price_source=price_source,
+        max_cost=max_cost,
+        notes=tuple(notes),
+    )
+
+
+# --- rendering ---------------------------------------------------------------------------------------
+
+def _sizes_text(est: CostEstimate, top: int = 5) -> str:
+    if not est.size_counts:
+        return "none read"
+    ranked = sorted(est.size_counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = ", ".join(f"{w}x{h}: {fmt_int(n)}" for (w, h), n in ranked[:top])
+    more = len(ranked) - top
+    return shown + (f", {fmt_int(more)} more sizes" if more > 0 else "")
+
+
+def render_estimate(est: CostEstimate, console: Console) -> None:
+    """Print the dry-run table: model and prices, work left, tokens, cost, and the assumptions behind them."""
+    t = Table(title="reid-prompt dry run (nothing sent)", box=box.SIMPLE_HEAVY, show_header=False,
+              title_justify="left")
+    t.add_column("what", style="bold", no_wrap=True)
+    t.add_column("value")
+    t.add_row("model", Text(f"{est.model}, detail {est.detail}, max_tokens {est.max_tokens}"))
+    price = (f"${est.price_input:g} in / ${est.price_cached_input:g} cached / ${est.price_output:g} out "
+             f"per 1M tokens")
+    if est.price_source:
+        price += f" ({est.price_source})"
+    t.add_row("price", Text(price, style="" if est.price_known else "yellow"))
+    if est.items_total is not None:
+        t.add_row("work items", f"{fmt_int(est.items_total)} total, {fmt_int(est.items_done)} done, "
+                                f"{fmt_int(est.items_left)} left")
+    else:
+        t.add_row("work items left", fmt_int(est.items_left))
+    t.add_row("requests", f"{fmt_int(est.requests)} ({est.captions_per_image} caption(s) per image)")
+    sizes = _sizes_text(est)
+    if est.sampled:
+        sizes += f" (sample of {fmt_int(est.items_seen)})"
+    t.add_row("image sizes", sizes)
+    if est.unreadable:
+        t.add_row("unreadable", Text(f"unreadable: {fmt_int(est.unreadable)}"
+                                     + (f" of {fmt_int(est.items_seen)} sampled" if est.sampled else "")
+                                     + " (counted as 0 image tokens)", style="yellow"))
+    t.add_row("input tokens", f"{fmt_int(est.input_tokens)} (image {fmt_int(est.image_tokens)}, "
+                              f"text {fmt_int(est.text_tokens)})")
+    t.add_row("output tokens", f"{fmt_int(est.output_tokens)} ({est.expected_output_tokens} per caption; "
+                               f"at most {fmt_int(est.output_tokens_max)})")
+    t.add_row("cost input", fmt_usd(est.cost_input))
+    t.add_row("cost output", fmt_usd(est.cost_output))
+    total = Text(fmt_usd(est.cost_total), style="bold")
+    total.append(f"  (at most {fmt_usd(est.cost_max)} if every answer ran to max_tokens)", style="")
+    t.add_row("cost total", total)
+    if est.max_cost is not None:
+        over = est.cost_total > est.max_cost
+        t.add_row("budget", Text(f"{fmt_usd(est.max_cost)}" + (" - the estimate is over budget; the run will stop"
+                                                              " at the budget" if over else ""),
+                                 style="bold red" if over else ""))
+    for note in est.notes:
+        t.add_row("assumption", Text(note))
+    console.print(t)

@@ -1,0 +1,359 @@
+"""The image index: build it from a dataset folder, write it, load and validate it.
+
+The index is the contract between "which images" and "caption them": its order fixes each image's
+`position` and therefore its part file, so it is sorted by image_id when built and never reordered at
+load. Paths in it are relative to the root, so an index built on Linux loads on Windows (and the root
+can be overridden with `root=` when the images moved).
+
+Three forms load:
+  (a) the JSON index written by `write_index`: {"root", "dataset", "images": [{"image_id", "path", ...}]};
+  (b) a JSON list of path strings;
+  (c) a text file with one path per line (blank lines and `#` comments ignored, BOM and CRLF tolerated).
+
+Loading is lexical on purpose: no per-image stat or Path.resolve() (a million files on a network drive
+would take minutes). Containment in the root is checked on normalised strings (os.path.normpath, after
+turning `\\` into `/`), which catches `..` escapes and absolute paths elsewhere but not symlinks that
+point out of the root; a missing image is a per-image error of the run, not an index error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.datasets import (
+    DatasetImage,
+    check_splits,
+    detect_dataset,
+    normalise_dataset_name,
+    parse_reid_name_styled,
+    scan_dataset,
+    split_from_parts,
+)
+from pipeline.errors import ConfigError, IndexFormatError, InputError
+from pipeline.records import IndexEntry
+
+
+@dataclass
+class LoadedIndex:
+    """A validated index: `entries[i].position == i`, paths absolute, image_ids unique."""
+
+    root: Path
+    dataset: str
+    entries: list[IndexEntry]
+    source: Path
+
+
+# --------------------------------------------------------------------------------------------- build
+
+
+def build_index(root: Path, dataset: str = "auto", splits: set[str] | None = None,
+                skip_junk: bool = False) -> dict:
+    """Scan a dataset folder into a JSON-ready index sorted by image_id.
+
+    `splits` None = the dataset's natural splits; `skip_junk` drops Market's -1/0000 crops (kept and
+    marked `"junk": true` otherwise, since captioning them is harmless and a trainer can filter).
+    """
+    root = Path(root)
+    if not root.exists():
+        raise InputError(f"dataset root not found: {root}")
+    if not root.is_dir():
+        raise InputError(f"dataset root is not a folder: {root}")
+    name = normalise_dataset_name(dataset)
+    wanted = check_splits(splits)
+    root_abs = root.resolve()
+    if name == "auto":
+        name = detect_dataset(root_abs)
+    images = scan_dataset(root_abs, name, wanted)
+    if skip_junk:
+        images = [im for im in images if not im.junk]
+    if not images:
+        where = f" in splits {', '.join(sorted(wanted))}" if wanted else ""
+        raise InputError(f"no images found{where} under {root} (read as {name})")
+    return {"root": str(root_abs), "dataset": name, "images": [_image_json(im) for im in images]}
+
+
+def _image_json(im: DatasetImage) -> dict[str, Any]:
+    item: dict[str, Any] = {"image_id": im.image_id, "path": im.image_id, "pid": im.pid,
+                            "camid": im.camid, "split": im.split}
+    if im.junk:
+        item["junk"] = True
+    return item
+
+
+# --------------------------------------------------------------------------------------------- write
+
+
+def write_index(index: dict, out: Path) -> None:
+    """Write atomically (temp file + os.replace) so a crash never leaves half an index behind.
+
+    One image per line: valid JSON, diff-able, and about a third of the size of indent=2.
+    """
+    out = Path(out)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("w", encoding="utf-8", newline="\n") as fh:
+            fh.write(_dumps_index(index))
+        os.replace(tmp, out)
+    except OSError as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise ConfigError(f"cannot write index {out}: {exc.strerror or exc}") from None
+
+
+def _dumps_index(index: dict) -> str:
+    parts = ["{\n"]
+    keys = [k for k in index if k != "images"] + (["images"] if "images" in index else [])
+    for i, key in enumerate(keys):
+        comma = "," if i < len(keys) - 1 else ""
+        head = f"  {json.dumps(key)}: "
+        if key == "images":
+            images = index["images"]
+            if not images:
+                parts.append(f"{head}[]{comma}\n")
+                continue
+            lines = ",\n".join("    " + json.dumps(im, ensure_ascii=False) for im in images)
+            parts.append(f"{head}[\n{lines}\n  ]{comma}\n")
+        else:
+            parts.append(f"{head}{json.dumps(index[key], ensure_ascii=False)}{comma}\n")
+    parts.append("}\n")
+    return "".join(parts)
+
+
+# --------------------------------------------------------------------------------------------- load
+
+
+def load_index(path: Path, root: Path | None = None) -> LoadedIndex:
+    """Read and validate an index in any of the three forms; `root` overrides the image root."""
+    path = Path(path)
+    text = _read_text(path)
+    head = text.lstrip()[:1]
+    if head in ("{", "["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise IndexFormatError(
+                f"index {path}: malformed JSON at line {exc.lineno}:{exc.colno}: {exc.msg}") from None
+        if isinstance(data, dict):
+            return _load_json_index(path, data, root)
+        items = []
+        for i, item in enumerate(data):
+            if not isinstance(item, str):
+                raise IndexFormatError(
+                    f"index {path}: item {i} is {_kind(item)}, expected a path string")
+            if item.strip():
+                items.append((f"item {i}", item.strip()))
+        return _load_path_list(path, items, root)
+    items = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            items.append((f"line {lineno}", line))
+    return _load_path_list(path, items, root)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise IndexFormatError(f"index file not found: {path}") from None
+    except IsADirectoryError:
+        raise IndexFormatError(f"index {path} is a folder, not a file") from None
+    except OSError as exc:
+        if path.is_dir():
+            raise IndexFormatError(f"index {path} is a folder, not a file") from None
+        raise IndexFormatError(f"cannot read index {path}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise IndexFormatError(f"index {path} is not UTF-8 text (bad byte at offset {exc.start})") from None
+
+
+def _kind(value: object) -> str:
+    return {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+            bool: "a boolean", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+class _Root:
+    """The image root as a normalised absolute string plus the prefix used for containment."""
+
+    def __init__(self, root: str) -> None:
+        self.path = os.path.normpath(os.path.abspath(root))
+        self.prefix = os.path.normcase(self.path).rstrip("\\/") + os.sep
+
+    def contains(self, folder: str) -> bool:
+        return (os.path.normcase(folder).rstrip("\\/") + os.sep).startswith(self.prefix)
+
+    def inside(self, raw: str, base: str) -> str | None:
+        """Absolute normalised path of `raw` (relative to `base`) if it lies inside the root, else None.
+
+        `\\` is read as a separator on every platform so Windows-made indexes load on Linux.
+        """
+        p = raw.replace("\\", "/") if "\\" in raw else raw
+        full = os.path.normpath(p if os.path.isabs(p) else os.path.join(base, p))
+        if not os.path.normcase(full).startswith(self.prefix):
+            return None
+        return full
+
+    def relative(self, full: str) -> str:
+        rel = full[len(self.prefix):]
+        return rel.replace(os.sep, "/") if os.sep != "/" else rel
+
+
+def _is_plain_relative(p: str) -> bool:
+    """A `/`-separated relative path that normpath would leave as is: no `.`/`..` parts, no empty
+    parts, no drive or root. Such a path joined to a folder inside the root stays inside, so the
+    common case skips normpath and the containment test (about half the load time of a big list)."""
+    return (p[:1] not in ("", "/", ".") and "/." not in p and "//" not in p and ":" not in p
+            and "\\" not in p and p[-1] != "/")
+
+
+def _existing_root(root: str, index: Path, origin: str) -> _Root:
+    """One stat for the whole index: a wrong root would fail every image, so say it once, early."""
+    r = _Root(root)
+    if not os.path.isdir(r.path):
+        hint = "; pass --root to point at the images" if origin == "index" else ""
+        raise IndexFormatError(f"image root {r.path} (from {origin} of index {index}) is not a folder{hint}")
+    return r
+
+
+def _load_json_index(path: Path, data: dict, root: Path | None) -> LoadedIndex:
+    images = data.get("images")
+    if "images" not in data:
+        raise IndexFormatError(f"index {path}: no 'images' list (expected {{\"root\", \"dataset\", \"images\"}})")
+    if not isinstance(images, list):
+        raise IndexFormatError(f"index {path}: 'images' must be a list, got {_kind(images)}")
+    index_dir = os.path.abspath(path.parent)
+    stored_root = data.get("root")
+    if stored_root is not None and not isinstance(stored_root, str):
+        raise IndexFormatError(f"index {path}: 'root' must be a string, got {_kind(stored_root)}")
+    if root is not None:
+        r = _existing_root(os.fspath(root), path, "--root")
+    elif stored_root:
+        r = _existing_root(os.path.join(index_dir, stored_root), path, "index")
+    else:
+        r = _existing_root(index_dir, path, "folder")
+    dataset = data.get("dataset") or "folder"
+    if not isinstance(dataset, str):
+        raise IndexFormatError(f"index {path}: 'dataset' must be a string, got {_kind(dataset)}")
+    if not images:
+        raise IndexFormatError(f"index {path} has no images")
+    entries: list[IndexEntry] = []
+    root_sep = r.path.rstrip("\\/") + os.sep
+    for i, item in enumerate(images):
+        where = f"index {path}: images[{i}]"
+        if not isinstance(item, dict):
+            raise IndexFormatError(f"{where} is {_kind(item)}, expected an object")
+        image_id = item.get("image_id")
+        if not isinstance(image_id, str) or not image_id:
+            raise IndexFormatError(f"{where} has no 'image_id' string")
+        where = f"{where} ({image_id!r})"
+        raw = item.get("path")
+        if not isinstance(raw, str) or not raw:
+            raise IndexFormatError(f"{where} has no 'path' string")
+        pid, camid = _opt_int(item, "pid", where), _opt_int(item, "camid", where)
+        split = item.get("split")
+        if split is not None and not isinstance(split, str):
+            raise IndexFormatError(f"{where}: 'split' must be a string or null, got {_kind(split)}")
+        junk = item.get("junk", False)
+        if not isinstance(junk, bool):
+            raise IndexFormatError(f"{where}: 'junk' must be true or false, got {_kind(junk)}")
+        if _is_plain_relative(raw):
+            full = root_sep + (raw if os.sep == "/" else raw.replace("/", os.sep))
+        else:
+            full = r.inside(raw, r.path)
+            if full is None:
+                raise IndexFormatError(f"{where}: path {raw!r} is outside the image root {r.path}")
+        entries.append(IndexEntry(image_id, Path(full), pid, camid, split, i, junk))
+    _check_unique(path, [e.image_id for e in entries])
+    return LoadedIndex(Path(r.path), dataset, entries, path)
+
+
+def _opt_int(item: dict, key: str, where: str) -> int | None:
+    value = item.get(key)
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise IndexFormatError(f"{where}: '{key}' must be an integer or null, got {value!r}")
+
+
+def _load_path_list(path: Path, items: list[tuple[str, str]], root: Path | None) -> LoadedIndex:
+    """Forms (b) and (c): relative paths against `root` (else the index folder); without `root`,
+    absolute paths make the root their common parent folder."""
+    if not items:
+        raise IndexFormatError(f"index {path} has no images")
+    index_dir = os.path.normpath(os.path.abspath(path.parent))
+    if root is not None:
+        r = _existing_root(os.fspath(root), path, "--root")
+        base = r.path
+    else:
+        r = _Root(_common_root(path, index_dir, [raw for _, raw in items]))
+        base = index_dir
+    # Relative paths without `.`/`..` parts: image_id is the path itself when base is the root.
+    fast_prefix = base.rstrip("\\/") + os.sep
+    fast_id_prefix = r.relative(fast_prefix) if r.contains(base) and base != r.path else ""
+    fast = r.contains(base)
+    entries: list[IndexEntry] = []
+    styles: set[str] = set()
+    split_of: dict[str, str | None] = {}
+    for position, (label, raw) in enumerate(items):
+        p = raw.replace("\\", "/") if "\\" in raw else raw
+        if fast and _is_plain_relative(p):
+            full = fast_prefix + (p if os.sep == "/" else p.replace("/", os.sep))
+            image_id = fast_id_prefix + p
+        else:
+            full = r.inside(p, base)
+            if full is None:
+                raise IndexFormatError(f"index {path} {label}: path {raw!r} is outside the image root {r.path}")
+            image_id = r.relative(full)
+        folder, _, name = image_id.rpartition("/")
+        split = split_of.get(folder, "?")
+        if split == "?":
+            split = split_of[folder] = split_from_parts(folder.split("/")) if folder else None
+        styled = parse_reid_name_styled(name)
+        if styled is None:
+            entries.append(IndexEntry(image_id, Path(full), None, None, split, position))
+            continue
+        parsed, style = styled
+        if style:
+            styles.add(style)
+        entries.append(IndexEntry(image_id, Path(full), parsed.pid, parsed.camid, split, position,
+                                  parsed.junk))
+    _check_unique(path, [e.image_id for e in entries])
+    dataset = "market1501" if "market1501" in styles else "dukemtmc" if "dukemtmc" in styles else "folder"
+    return LoadedIndex(Path(r.path), dataset, entries, path)
+
+
+def _common_root(path: Path, index_dir: str, raws: list[str]) -> str:
+    """Index folder if every path is relative, else the common parent of the absolute paths'
+    folders (and of the index folder when relative paths are mixed in)."""
+    folders: set[str] = set()
+    relative = False
+    for raw in raws:
+        p = raw.replace("\\", "/") if "\\" in raw else raw
+        if os.path.isabs(p):
+            folders.add(os.path.dirname(os.path.normpath(p)))
+        else:
+            relative = True
+    if not folders:
+        return index_dir
+    if relative:
+        folders.add(index_dir)
+    try:
+        return os.path.commonpath(sorted(folders))
+    except ValueError:  # Windows: different drives
+        raise IndexFormatError(f"index {path}: paths on different drives have no common root; pass --root") from None
+
+
+def _check_unique(path: Path, ids: list[str]) -> None:
+    if len(set(ids)) == len(ids):
+        return
+    counts = Counter(ids)
+    dup = next(i for i in ids if counts[i] > 1)
+    raise IndexFormatError(f"index {path}: duplicate image_id {dup!r} ({counts[dup]} times)")

@@ -1,0 +1,786 @@
+"""The run: a dispatcher streams work, a bounded pool of workers calls the model, one writer writes.
+
+    dispatcher --jobs--> worker x concurrency --results--> writer
+         ^                      |
+         +---- retries ---------+   (after their backoff, ahead of new work; never a sleeping worker)
+
+One anyio task group. Memory object streams with small buffers give backpressure; each worker holds its
+own clone of both streams, so the job stream ends when the dispatcher closes it and the results stream
+ends when the last worker closes its clone, and every task ends when its input ends. Only the writer
+holds the receive end of results.
+
+Stopping:
+- Ctrl-C / SIGTERM (first): no new request; answers already in flight get `grace_seconds` to arrive and
+  be written (they are paid for); then the workers are cancelled. A second Ctrl-C cancels them at once.
+- `--max-cost`: no new request once spent + in flight + this one would pass the budget; in flight finish.
+- A fatal API answer (401, 403, unknown model, no quota): the workers are cancelled at once.
+The writer is outside the scope those cancel: it drains what the workers sent, flushes and ends.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import random
+import signal
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import anyio
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from rich.console import Console
+
+from pipeline import __version__
+from pipeline.attributes import AttributeValidationError, field_names, validate_answer
+from pipeline.backends.base import APIFailure, Backend, ErrorKind, ModelReply, ModelRequest
+from pipeline.config import RunConfig
+from pipeline.errors import ConfigError, FatalAPIError, ImageError
+from pipeline.images import payload_from_bytes, read_bytes
+from pipeline.index import LoadedIndex, load_index
+from pipeline.limits import RateLimiter
+from pipeline.manifest import base_manifest, now_iso, read_manifest, write_manifest
+from pipeline.pricing import ModelPrice, cost_usd, load_pricing, resolve_price
+from pipeline.prompts import load_prompts, render_prompt
+from pipeline.records import AttributeRow, CaptionRow, ErrorRow, IndexEntry, Prompt, Usage
+from pipeline.retry import RetryPolicy, decide
+from pipeline.stats import RunStats, Snapshot
+from pipeline.tokens import estimate_request
+from pipeline.writer import OutputWriter, ResumeState, Result, writer_task
+
+JOB_BUFFER = 0  # the dispatcher hands a job over only when a worker is free: retries stay fresh
+INLINE_DECODE_BYTES = 512 * 1024  # smaller images are checked on the loop (cheaper than a thread hop)
+
+
+# --- work items ---------------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    """One request's worth of work: one image, one prompt, the caption slots still wanted."""
+
+    entry: IndexEntry
+    prompt: Prompt
+    indices: tuple[int, ...]
+    attempts: int = 0
+
+
+def captions_wanted(prompt: Prompt, captions_per_image: int) -> int:
+    """Structured (schema) prompts give one answer per image; text prompts give N captions."""
+    return 1 if prompt.schema is not None else captions_per_image
+
+
+def plan_jobs(entries: list[IndexEntry], prompts: list[Prompt], n: int, done: set) -> Iterator[Job]:
+    """Lazily yield the work still to do, in index order, skipping every (id, prompt, slot) already done."""
+    for entry in entries:
+        for prompt in prompts:
+            wanted = captions_wanted(prompt, n)
+            missing = tuple(i for i in range(wanted) if (entry.image_id, prompt.name, i) not in done)
+            if missing:
+                yield Job(entry, prompt, missing)
+
+
+def count_work(entries: list[IndexEntry], prompts: list[Prompt], n: int, done: set) -> tuple[int, int]:
+    """(total work items in the index, how many of them are already done)."""
+    per_image = sum(captions_wanted(p, n) for p in prompts)
+    total = len(entries) * per_image
+    ids = {e.image_id for e in entries}
+    names = {p.name: captions_wanted(p, n) for p in prompts}
+    skipped = sum(1 for (iid, pname, idx) in done if iid in ids and pname in names and idx < names[pname])
+    return total, skipped
+
+
+# --- stop control --------------------------------------------------------------------------------------
+
+class Controller:
+    """Stop requests as state the tasks read, so no task needs to know who asked to stop."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self.stop_reason: str | None = None
+        self.fatal: FatalAPIError | None = None
+        self.interrupts = 0
+        self.work_scope = anyio.CancelScope()
+        self.interrupted = anyio.Event()
+        self._waiting: set[anyio.CancelScope] = set()
+        self.on_stop: list[Callable[[], None]] = []
+
+    @contextmanager
+    def before_send(self) -> Iterator[anyio.CancelScope]:
+        """Scope around waiting for the limiter: a stop cancels it, since nothing has been sent yet."""
+        scope = anyio.CancelScope()
+        if self.stopping:
+            scope.cancel()
+        self._waiting.add(scope)
+        try:
+            with scope:
+                yield scope
+        finally:
+            self._waiting.discard(scope)
+
+    def request_stop(self, reason: str) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self.stop_reason = reason
+        for scope in list(self._waiting):
+            scope.cancel()
+        for cb in self.on_stop:
+            cb()
+
+    def interrupt(self) -> None:
+        """Ctrl-C / SIGTERM: first stops gently, second at once."""
+        self.interrupts += 1
+        if self.interrupts == 1:
+            self.request_stop("interrupted")
+            self.interrupted.set()
+        else:
+            self.stop_reason = "interrupted (immediately)"
+            self.work_scope.cancel()
+
+    def fail(self, error: FatalAPIError) -> None:
+        if self.fatal is None:
+            self.fatal = error
+        self.request_stop(f"fatal: {error}")
+        self.work_scope.cancel()
+
+
+class Dispatcher:
+    """The producer. Streams new jobs from the plan and re-sends retries when their backoff is over.
+
+    Due retries go ahead of new work, so retries do not trickle after the first pass. The job stream
+    closes once the plan is exhausted and no job is outstanding (sent and neither finished nor waiting
+    for a retry), or when the run is stopping.
+    """
+
+    def __init__(self, plan: Iterator[Job], controller: Controller) -> None:
+        self._plan = plan
+        self._controller = controller
+        self._heap: list[tuple[float, int, Job]] = []
+        self._seq = itertools.count()
+        self.outstanding = 0
+        self.abandoned = 0
+        self._wake = anyio.Event()
+        controller.on_stop.append(self.wake)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def adopt(self, job: Job) -> Job:
+        """Count a job born from another (some of its caption slots) as outstanding."""
+        self.outstanding += 1
+        return job
+
+    def add(self, job: Job) -> None:
+        """A new job born from another (slots the server did not fill); due at once."""
+        self.reschedule(self.adopt(job), 0.0)
+
+    def reschedule(self, job: Job, wait_s: float) -> None:
+        heapq.heappush(self._heap, (anyio.current_time() + wait_s, next(self._seq), job))
+        self.wake()
+
+    def finished(self, job: Job) -> None:
+        self.outstanding -= 1
+        self.wake()
+
+    def abandon(self, job: Job) -> None:
+        """Left for a later run (stop or budget): not done, not an error."""
+        self.abandoned += 1
+        self.finished(job)
+
+    async def run(self, jobs: ObjectSendStream[Job]) -> None:
+        exhausted = False
+        async with jobs:
+            while not self._controller.stopping:
+                now = anyio.current_time()
+                if self._heap and self._heap[0][0] <= now:
+                    await jobs.send(heapq.heappop(self._heap)[2])
+                    continue
+                if not exhausted:
+                    job = next(self._plan, None)
+                    if job is None:
+                        exhausted = True
+                        continue
+                    self.outstanding += 1
+                    await jobs.send(job)
+                    continue
+                if self.outstanding <= 0 and not self._heap:
+                    return
+                wake = self._wake = anyio.Event()
+                delay = self._heap[0][0] - now if self._heap else None
+                if delay is None:
+                    await wake.wait()
+                else:
+                    with anyio.move_on_after(delay):
+                        await wake.wait()
+            self.abandoned += len(self._heap)
+            self._heap.clear()
+
+
+# --- the workers -----------------------------------------------------------------------------------------
+
+@dataclass
+class Context:
+    cfg: RunConfig
+    backend: Backend
+    limiter: RateLimiter
+    policy: RetryPolicy
+    stats: RunStats
+    price: ModelPrice
+    controller: Controller
+    dispatcher: Dispatcher
+    budget_left: float | None = None  # USD this run may still spend (--max-cost minus earlier runs)
+    n_supported: bool = True
+    inflight_cost: float = 0.0
+    answers: int = 0
+    answered_cost: float = 0.0
+    rng: random.Random = field(default_factory=random.Random)
+
+
+def utc_now() -> str:
+    return now_iso()
+
+
+def error_rows(job: Job, reason: str, detail: str) -> list[Result]:
+    ts = utc_now()
+    return [
+        ErrorRow(job.entry.image_id, reason, detail, job.attempts, ts, job.prompt.name, i, job.entry.position)
+        for i in job.indices
+    ]
+
+
+def split_usage(usage: Usage, parts: int) -> list[Usage]:
+    """Share one request's usage among the rows it produced: input on the first, output evenly."""
+    parts = max(1, parts)
+    out_each, rest = divmod(usage.completion_tokens, parts)
+    return [
+        Usage(
+            prompt_tokens=usage.prompt_tokens if i == 0 else 0,
+            completion_tokens=out_each + (rest if i == 0 else 0),
+            cached_tokens=usage.cached_tokens if i == 0 else 0,
+        )
+        for i in range(parts)
+    ]
+
+
+async def load_payload(entry: IndexEntry):
+    data = read_bytes(entry.path)
+    if len(data) <= INLINE_DECODE_BYTES:
+        return payload_from_bytes(data)
+    return await anyio.to_thread.run_sync(payload_from_bytes, data)
+
+
+def request_cost_guess(ctx: Context, est_in: int, est_out: int) -> float:
+    """What the next request will likely cost: the mean of real answers once there are a few."""
+    if ctx.answers >= 5:
+        return 1.1 * ctx.answered_cost / ctx.answers
+    return cost_usd(ctx.price, Usage(prompt_tokens=est_in, completion_tokens=est_out))
+
+
+async def process(ctx: Context, job: Job) -> list[Result]:
+    """One attempt at one job. Returns the rows to write; tells the dispatcher what became of the job."""
+    cfg, stats, disp = ctx.cfg, ctx.stats, ctx.dispatcher
+    try:
+        payload = await load_payload(job.entry)
+    except ImageError as exc:
+        disp.finished(job)
+        stats.failed(exc.reason, len(job.indices))
+        return error_rows(job, exc.reason, exc.detail)
+
+    if not ctx.n_supported and len(job.indices) > 1:
+        for i in job.indices[1:]:
+            disp.add(Job(job.entry, job.prompt, (i,), job.attempts))
+        job.indices = job.indices[:1]
+
+    prompt_text = render_prompt(job.prompt, job.entry.image_id)
+    n = len(job.indices)
+    est = estimate_request(
+        ctx.price.image_rule, prompt_text, payload.width, payload.height,
+        cfg.model.detail, cfg.model.max_tokens, n=n,
+    )
+    reserve = est.input_tokens + est.output_tokens
+    guess = 0.0
+    if ctx.budget_left is not None:
+        guess = request_cost_guess(ctx, est.input_tokens, est.output_tokens)
+        if stats.cost_usd + ctx.inflight_cost + guess > ctx.budget_left:
+            ctx.controller.request_stop("budget")
+            disp.abandon(job)
+            return []
+
+    with ctx.controller.before_send() as scope:
+        reservation = await ctx.limiter.acquire(reserve)
+    if scope.cancelled_caught or ctx.controller.stopping:
+        if not scope.cancelled_caught:
+            ctx.limiter.correct(reservation, 0)
+        disp.abandon(job)
+        return []
+
+    request = ModelRequest(
+        image_id=job.entry.image_id,
+        prompt_text=prompt_text,
+        image=payload,
+        model=cfg.model.model,
+        detail=cfg.model.detail,
+        max_tokens=cfg.model.max_tokens,
+        n=n,
+        temperature=cfg.model.temperature,
+        response_schema=job.prompt.schema,
+        schema_name=_schema_name(job.prompt.name),
+    )
+    job.attempts += 1
+    stats.request_sent()
+    ctx.inflight_cost += guess
+    try:
+        reply = await ctx.backend.caption(request)
+    except APIFailure as failure:
+        ctx.limiter.observe_headers(failure.headers)
+        ctx.limiter.correct(reservation, failure.usage.total_tokens if failure.usage else 0)
+        if failure.usage is not None:
+            _account(ctx, failure.usage)
+        return handle_failure(ctx, job, failure.kind, failure.message, failure.headers)
+    finally:
+        ctx.inflight_cost -= guess
+    ctx.limiter.observe_headers(reply.headers)
+    ctx.limiter.correct(reservation, reply.usage.total_tokens)
+    return handle_reply(ctx, job, prompt_text, reply)
+
+
+def _schema_name(name: str) -> str:
+    clean = "".join(c if c.isalnum() or c in "_-" else "_" for c in name)
+    return clean[:64] or "attributes"
+
+
+def _account(ctx: Context, usage: Usage) -> float:
+    cost = cost_usd(ctx.price, usage)
+    ctx.stats.usage(usage.prompt_tokens, usage.completion_tokens, cost)
+    ctx.answers += 1
+    ctx.answered_cost += cost
+    return cost
+
+
+def handle_failure(ctx: Context, job: Job, kind: ErrorKind, message: str, headers) -> list[Result]:
+    """Apply the retry policy to `job` after a failed attempt: retry later, record it, or stop the run."""
+    stats, disp = ctx.stats, ctx.dispatcher
+    if kind is ErrorKind.RATE_LIMIT:
+        stats.got_429()
+    decision = decide(kind, job.attempts, headers, ctx.policy, ctx.rng.random())
+    if decision.pause_pool and decision.wait_s > 0:
+        ctx.limiter.pause(decision.wait_s)
+        stats.paused_until = ctx.limiter.paused_until
+    if decision.action == "retry" and not ctx.controller.stopping:
+        stats.retry()
+        disp.reschedule(job, decision.wait_s)
+        return []
+    if decision.action == "stop_run":
+        ctx.controller.fail(FatalAPIError(_fatal_message(kind, message, ctx.cfg)))
+        disp.abandon(job)
+        return []
+    if decision.action == "retry":  # stopping: leave it for the next run
+        disp.abandon(job)
+        return []
+    disp.finished(job)
+    stats.failed(kind.value, len(job.indices))
+    return error_rows(job, kind.value, message)
+
+
+def _fatal_message(kind: ErrorKind, message: str, cfg: RunConfig) -> str:
+    where = cfg.model.base_url or "the OpenAI API"
+    if kind is ErrorKind.AUTH:
+        return f"the API key was rejected by {where} (401): check OPENAI_API_KEY"
+    if kind is ErrorKind.PERMISSION:
+        return f"{where} refused access (403): {message}"
+    if kind is ErrorKind.NOT_FOUND:
+        return f"model {cfg.model.model!r} is not available at {where} (404): check --model"
+    if kind is ErrorKind.QUOTA:
+        return f"{where} says the account is out of quota (429 insufficient_quota): add credit or change key"
+    return message
+
+
+def handle_reply(ctx: Context, job: Job, prompt_text: str, reply: ModelReply) -> list[Result]:
+    """Rows for the slots the answer filled; the rest go on as a job of their own.
+
+    Slots can stay unfilled because a choice was refused or invalid (retried once, then errors.csv) or
+    because the server ignores `n` (asked for one by one from then on, like any server without `n`).
+    """
+    disp = ctx.dispatcher
+    _account(ctx, reply.usage)
+    ts = utc_now()
+    filled = list(zip(job.indices, reply.texts))
+    usages = split_usage(reply.usage, len(filled))
+    rows: list[Result] = []
+    bad: list[tuple[int, ErrorKind, str]] = []
+    for (idx, text), u in zip(filled, usages):
+        cost = cost_usd(ctx.price, u)
+        if job.prompt.schema is not None:
+            try:
+                fields = validate_answer(text, job.prompt.schema)
+            except AttributeValidationError as exc:
+                bad.append((idx, ErrorKind.INVALID, f"{exc.reason}: {exc.detail}"))
+                continue
+            rows.append(AttributeRow(
+                job.entry.image_id, job.prompt.name, fields, ts, reply.model, u.prompt_tokens,
+                u.completion_tokens, cost, idx, job.entry.position,
+            ))
+        else:
+            rows.append(CaptionRow(
+                image_id=job.entry.image_id, prompt=prompt_text, caption=text, timestamp=ts,
+                model=reply.model, prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                cost_usd=cost, prompt_name=job.prompt.name, caption_index=idx, attempts=job.attempts,
+                latency_s=reply.latency_s, position=job.entry.position,
+            ))
+    if rows:
+        ctx.stats.captioned(job.entry.image_id, _preview(rows[0]), reply.latency_s, n=len(rows))
+    unfilled = job.indices[len(filled):]
+    if unfilled and not reply.rejected:
+        ctx.n_supported = False
+        for i in unfilled:
+            disp.add(Job(job.entry, job.prompt, (i,), 0))
+        unfilled = ()
+    failed = tuple(i for i, _, _ in bad) + tuple(unfilled)
+    out: list[Result] = list(rows)
+    if failed:
+        kind, why = (bad[0][1], bad[0][2]) if bad else reply.rejected[0]
+        rest = disp.adopt(Job(job.entry, job.prompt, failed, job.attempts))
+        out += handle_failure(ctx, rest, kind, why, reply.headers)
+    disp.finished(job)
+    return out
+
+
+def _preview(row: Result) -> str:
+    if isinstance(row, CaptionRow):
+        return row.caption
+    return ", ".join(f"{k}={v}" for k, v in list(getattr(row, "fields", {}).items())[:4])
+
+
+async def worker(ctx: Context, jobs: ObjectReceiveStream[Job], results: ObjectSendStream[list[Result]]) -> None:
+    async with jobs, results:
+        async for job in jobs:
+            if ctx.controller.stopping:
+                ctx.dispatcher.abandon(job)
+                continue
+            ctx.stats.in_flight += 1
+            try:
+                rows = await process(ctx, job)
+            finally:
+                ctx.stats.in_flight -= 1
+            if rows:
+                with anyio.CancelScope(shield=True):  # the writer is alive; an answer is never dropped
+                    await results.send(rows)
+
+
+# --- set-up and the whole run ---------------------------------------------------------------------------
+
+@dataclass
+class Prepared:
+    """Everything checked and loaded before the first request."""
+
+    cfg: RunConfig
+    index: LoadedIndex
+    prompts: list[Prompt]
+    writer: OutputWriter
+    resume: ResumeState
+    price: ModelPrice
+    total: int
+    skipped: int
+    api_key: str | None = field(default=None, repr=False)
+
+
+@dataclass
+class RunResult:
+    state: str  # finished | interrupted | budget | failed
+    snapshot: Snapshot
+    out: Path
+    fatal: FatalAPIError | None = None
+    repaired: list[str] = field(default_factory=list)
+    abandoned: int = 0
+
+
+def resolve_api_key(cfg: RunConfig) -> str | None:
+    if cfg.model.backend != "openai":
+        return None
+    key = cfg.api_key if cfg.api_key is not None else os.environ.get("OPENAI_API_KEY")
+    if not key or not key.strip():
+        raise ConfigError(
+            "OPENAI_API_KEY is not set: export your key (or use --backend offline to rehearse without one)"
+        )
+    return key.strip()
+
+
+def prepare(cfg: RunConfig, *, readonly: bool = False) -> Prepared:
+    """All the checks that must pass before any request is paid for, in the order a user fixes them.
+
+    `readonly` (dry-run): needs no key and changes nothing on disk (no repair, errors.csv kept).
+    """
+    api_key = None if readonly else resolve_api_key(cfg)
+    prompts = load_prompts(cfg.prompt_files, cfg.prompts_dir)
+    if cfg.model.backend == "offline" and any(p.schema is not None for p in prompts):
+        raise ConfigError("the offline backend cannot answer structured (JSON schema) prompts")
+    index = load_index(cfg.index)
+    positions = {e.image_id: e.position for e in index.entries}
+    attr_fields: list[str] = []
+    for p in prompts:
+        if p.schema is not None:
+            attr_fields += [f for f in field_names(p.schema) if f not in attr_fields]
+    writer = OutputWriter(cfg.out, cfg.batch_size, positions, attr_fields)
+    resume = writer.read_done() if readonly else writer.open()
+    table = load_pricing()
+    if cfg.model.backend == "offline":
+        price = resolve_price(table, cfg.model.model, 0.0, 0.0, 0.0)
+    else:
+        price = resolve_price(
+            table, cfg.model.model, cfg.prices.price_in, cfg.prices.price_out, cfg.prices.price_cached_in
+        )
+    total, skipped = count_work(index.entries, prompts, cfg.model.captions_per_image, resume.done)
+    return Prepared(cfg, index, prompts, writer, resume, price, total, skipped, api_key)
+
+
+def make_backend(cfg: RunConfig, api_key: str | None) -> Backend:
+    if cfg.model.backend == "offline":
+        from pipeline.backends.offline import OfflineBackend
+
+        return OfflineBackend()
+    from pipeline.backends.openai import OpenAIBackend
+
+    assert api_key is not None
+    return OpenAIBackend(
+        api_key=api_key,
+        base_url=cfg.model.base_url,
+        timeout=cfg.model.timeout,
+        max_connections=cfg.limits.concurrency + 8,
+        transport=cfg.model.http_client,
+    )
+
+
+class ManifestKeeper:
+    """Builds manifest.json from the config and the counters; only the writer task calls `save`."""
+
+    def __init__(self, prep: Prepared, stats: RunStats) -> None:
+        cfg = prep.cfg
+        self.prep = prep
+        self.stats = stats
+        previous = read_manifest(cfg.out)
+        self.data = base_manifest(previous)
+        self.data.update({
+            "index": str(Path(cfg.index).resolve()),
+            "index_images": len(prep.index.entries),
+            "work_items_total": prep.total,
+            "out": str(Path(cfg.out).resolve()),
+            "prompts": [
+                {"name": p.name, "path": str(p.path) if p.path else None, "sha256": _sha(p)} for p in prep.prompts
+            ],
+            "backend": cfg.model.backend,
+            "model": cfg.model.model,
+            "base_url": cfg.model.base_url,
+            "detail": cfg.model.detail,
+            "max_tokens": cfg.model.max_tokens,
+            "temperature": cfg.model.temperature,
+            "captions_per_image": cfg.model.captions_per_image,
+            "batch_size": cfg.batch_size,
+            "concurrency": cfg.limits.concurrency,
+            "rpm": cfg.limits.rpm,
+            "tpm": cfg.limits.tpm,
+            "max_cost": cfg.limits.max_cost,
+            "max_attempts": cfg.limits.max_attempts,
+            "price": {"model": prep.price.model, "input": prep.price.input, "output": prep.price.output,
+                      "cached_input": prep.price.cached_input},
+            "cost_usd_before": round(prep.resume.cost_usd, 8),
+            "stop_reason": None,
+            "repaired": prep.resume.repaired,
+        })
+
+    def save(self, state: str | None = None) -> None:
+        s = self.stats
+        d = self.data
+        d["updated_at"] = now_iso()
+        if state is not None:
+            d["state"] = state
+            d["ended_at"] = now_iso() if state != "running" else None
+        d["counts"] = {
+            "captioned_this_run": s.done,
+            "skipped_done": s.skipped,
+            "failed_this_run": s.failed_total,
+            "failed_by_reason": dict(s.failed_by_reason),
+            "requests": s.requests,
+            "retries": s.retries,
+            "rate_limited": s.rate_limited,
+        }
+        d["tokens"] = {"input": s.tokens_in, "output": s.tokens_out}
+        d["cost_usd_this_run"] = round(s.cost_usd, 8)
+        d["cost_usd_total"] = round(self.prep.resume.cost_usd + s.cost_usd, 8)
+        d["stop_reason"] = s.stop_reason
+        d["learned_limits"] = {"rpm": s.rpm_limit, "tpm": s.tpm_limit}
+        write_manifest(self.prep.cfg.out, d)
+
+    def finish(self, state: str) -> None:
+        self.data["runs"] = self.data.get("runs", []) + [{
+            "started_at": self.data["started_at"],
+            "ended_at": now_iso(),
+            "state": state,
+            "captioned": self.stats.done,
+            "failed": self.stats.failed_total,
+            "cost_usd": round(self.stats.cost_usd, 8),
+        }]
+        self.save(state)
+
+
+def _sha(p: Prompt) -> str:
+    import hashlib
+
+    return hashlib.sha256(p.text.encode("utf-8")).hexdigest()[:16]
+
+
+@contextmanager
+def signal_handlers(controller: Controller) -> Iterator[None]:
+    """Route Ctrl-C (and SIGTERM/SIGBREAK where the platform has them) to the controller.
+
+    The handler only schedules `controller.interrupt` on the event loop: no exit, no I/O in the handler.
+    Works the same on Windows (SIGINT, SIGBREAK) and POSIX (SIGINT, SIGTERM).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+
+    def handler(signum, frame) -> None:  # noqa: ARG001
+        loop.call_soon_threadsafe(controller.interrupt)
+
+    names = ["SIGINT", "SIGTERM", "SIGBREAK"]
+    installed = {}
+    for name in names:
+        sig = getattr(signal, name, None)
+        if sig is None:
+            continue
+        try:
+            installed[sig] = signal.signal(sig, handler)
+        except (ValueError, OSError):
+            pass
+    try:
+        yield
+    finally:
+        for sig, old in installed.items():
+            signal.signal(sig, old)
+
+
+async def _grace_watchdog(controller: Controller, grace_s: float, work_done: anyio.Event) -> None:
+    """After the first Ctrl-C, give answers in flight `grace_s` to arrive, then cancel the workers."""
+    await controller.interrupted.wait()
+    with anyio.move_on_after(grace_s):
+        await work_done.wait()
+    controller.work_scope.cancel()
+
+
+async def _view_loop(view, finished: anyio.Event, period: float) -> None:
+    view.start()
+    try:
+        while not finished.is_set():
+            view.refresh()
+            with anyio.move_on_after(period):
+                await finished.wait()
+    finally:
+        view.stop()
+
+
+async def run_prepared(
+    prep: Prepared,
+    *,
+    console: Console | None = None,
+    backend: Backend | None = None,
+    install_signals: bool = True,
+) -> RunResult:
+    from pipeline.dashboard import make_view
+
+    cfg = prep.cfg
+    backend = backend or make_backend(cfg, prep.api_key)
+    stats = RunStats(total=prep.total, skipped=prep.skipped, concurrency=cfg.limits.concurrency,
+                     max_cost=cfg.limits.max_cost)
+    limiter = RateLimiter(cfg.limits.rpm, cfg.limits.tpm, learn=cfg.model.backend == "openai")
+    stats.rpm_limit, stats.tpm_limit = limiter.rpm_limit, limiter.tpm_limit
+    controller = Controller()
+    plan = plan_jobs(prep.index.entries, prep.prompts, cfg.model.captions_per_image, prep.resume.done)
+    dispatcher = Dispatcher(plan, controller)
+    ctx = Context(cfg, backend, limiter, RetryPolicy(max_attempts=cfg.limits.max_attempts), stats, prep.price,
+                  controller, dispatcher)
+    if cfg.limits.max_cost is not None:
+        # the budget is for the output folder: what earlier runs spent there counts against it
+        ctx.budget_left = max(0.0, cfg.limits.max_cost - prep.resume.cost_usd)
+        if ctx.budget_left <= 0:
+            controller.request_stop("budget")
+    keeper = ManifestKeeper(prep, stats)
+    keeper.save("running")
+    view = make_view(stats, console, dashboard=cfg.dashboard, every_s=cfg.progress_every)
+    finished = anyio.Event()
+    work_done = anyio.Event()
+
+    def heartbeat() -> None:
+        stats.rpm_limit, stats.tpm_limit = limiter.rpm_limit, limiter.tpm_limit
+        keeper.save()
+
+    async def work(results_send: ObjectSendStream[list[Result]], task_status=anyio.TASK_STATUS_IGNORED) -> None:
+        jobs_send, jobs_recv = anyio.create_memory_object_stream[Job](JOB_BUFFER)
+        try:
+            with controller.work_scope:
+                async with anyio.create_task_group() as wg:
+                    task_status.started()
+                    async with jobs_recv, results_send:
+                        for _ in range(cfg.limits.concurrency):
+                            wg.start_soon(worker, ctx, jobs_recv.clone(), results_send.clone())
+                        wg.start_soon(dispatcher.run, jobs_send)
+        finally:
+            work_done.set()
+
+    async def writer_then_finish(results_recv) -> None:
+        try:
+            await writer_task(prep.writer, results_recv, heartbeat=heartbeat)
+        finally:
+            finished.set()
+
+    sig_ctx = signal_handlers(controller) if install_signals else _null_ctx()
+    try:
+        with sig_ctx:
+            async with anyio.create_task_group() as tg:
+                results_send, results_recv = anyio.create_memory_object_stream[list[Result]](
+                    max(8, cfg.limits.concurrency)
+                )
+                tg.start_soon(writer_then_finish, results_recv)
+                await tg.start(work, results_send)
+                tg.start_soon(_view_loop, view, finished, 0.25)
+                tg.start_soon(_cancel_when, finished, tg.cancel_scope, controller, cfg.limits.grace_seconds,
+                              work_done)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await backend.aclose()
+    if controller.fatal is not None:
+        state = "failed"
+    elif controller.stop_reason == "budget":
+        state = "budget"
+    elif controller.stopping:
+        state = "interrupted"
+    else:
+        state = "finished"
+    stats.stop_reason = controller.stop_reason
+    keeper.finish(state)
+    return RunResult(state, stats.snapshot(), cfg.out, controller.fatal, prep.resume.repaired, dispatcher.abandoned)
+
+
+async def _cancel_when(finished: anyio.Event, scope: anyio.CancelScope, controller: Controller,
+                       grace_s: float, work_done: anyio.Event) -> None:
+    """Run the grace watchdog until the writer has finished, then end the helper tasks."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_grace_watchdog, controller, grace_s, work_done)
+        await finished.wait()
+        tg.cancel_scope.cancel()
+
+
+@contextmanager
+def _null_ctx() -> Iterator[None]:
+    yield
+
+
+def run(cfg: RunConfig, *, console: Console | None = None) -> RunResult:
+    """Check everything, then run the pipeline on a fresh event loop."""
+    prep = prepare(cfg)
+    return anyio.run(lambda: run_prepared(prep, console=console))

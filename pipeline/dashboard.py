@@ -271,7 +271,8 @@ class LiveView:
         if self._live is None:
             return
         now = self._clock()
-        if not force and self._last_draw is not None and now - self._last_draw < self.interval_s:
+        # 10 % slack: a caller ticking at exactly the interval must not lose every other frame to jitter
+        if not force and self._last_draw is not None and now - self._last_draw < 0.9 * self.interval_s:
             return
         self._live.update(self._render(), refresh=True)
         self._last_draw = now
@@ -280,9 +281,11 @@ class LiveView:
         """Draw the final state once more and leave it on screen."""
         if self._live is None:
             return
-        self.refresh(force=True)
-        self._live.stop()
-        self._live = None
+        live, self._live = self._live, None
+        try:
+            live.update(self._render(), refresh=True)
+        finally:
+            live.stop()  # always give the terminal back (cursor, line discipline), even if drawing failed
 
     def __enter__(self) -> "LiveView":
         self.start()

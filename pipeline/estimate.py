@@ -18,7 +18,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from PIL import Image
 from rich import box
@@ -27,9 +27,10 @@ from rich.table import Table
 from rich.text import Text
 
 from pipeline.dashboard import fmt_int, fmt_usd
+from pipeline.errors import ReidPromptError
 from pipeline.outputs import CAPTIONS_ALL, read_captions
 from pipeline.prompts import render_prompt
-from pipeline.pricing import ModelPrice, PricingTable, cost_usd
+from pipeline.pricing import ModelPrice, PricingTable, cost_usd, load_pricing
 from pipeline.records import IndexEntry, Prompt, Usage
 from pipeline.status import read_done
 from pipeline.tokens import DEFAULT_MAX_OUTPUT_TOKENS, MESSAGE_OVERHEAD_TOKENS, image_tokens, text_tokens
@@ -320,7 +321,44 @@ def build_estimate(
     )
 
 
+def estimate_for_run(prep: Any) -> CostEstimate:
+    """The CLI's `run --dry-run`: `build_estimate` for a prepared run (`pipeline.runner.Prepared`).
+
+    Reads only prep.index.entries, prep.prompts, prep.price, and from prep.cfg the output folder, the
+    model options, the budget and the price overrides; nothing else of the run's configuration.
+    """
+    cfg = prep.cfg
+    prices = cfg.prices
+    overridden = any(v is not None for v in (prices.price_in, prices.price_out, prices.price_cached_in))
+    if cfg.model.backend == "offline":
+        source = "offline backend: free"
+    else:
+        try:
+            table: PricingTable | None = load_pricing()
+        except ReidPromptError:
+            table = None
+        source = describe_price_source(table, overridden=overridden)
+    return build_estimate(
+        prep.index.entries,
+        prep.prompts,
+        Path(cfg.out),
+        prep.price,
+        detail=cfg.model.detail,
+        max_tokens=cfg.model.max_tokens,
+        captions_per_image=cfg.model.captions_per_image,
+        max_cost=cfg.limits.max_cost,
+        price_source=source,
+    )
+
+
 # --- rendering ---------------------------------------------------------------------------------------
+
+def _per_million(x: float) -> str:
+    """$0.60, $0.075, $2.50: at least cents, and the extra digits a price per 1M tokens really has."""
+    text = f"{x:.4f}".rstrip("0")
+    whole, _, frac = text.partition(".")
+    return f"${whole}.{frac.ljust(2, '0')}"
+
 
 def _sizes_text(est: CostEstimate, top: int = 5) -> str:
     if not est.size_counts:
@@ -338,8 +376,8 @@ def render_estimate(est: CostEstimate, console: Console) -> None:
     t.add_column("what", style="bold", no_wrap=True)
     t.add_column("value")
     t.add_row("model", Text(f"{est.model}, detail {est.detail}, max_tokens {est.max_tokens}"))
-    price = (f"${est.price_input:g} in / ${est.price_cached_input:g} cached / ${est.price_output:g} out "
-             f"per 1M tokens")
+    price = (f"{_per_million(est.price_input)} in / {_per_million(est.price_cached_input)} cached / "
+             f"{_per_million(est.price_output)} out per 1M tokens")
     if est.price_source:
         price += f" ({est.price_source})"
     t.add_row("price", Text(price, style="" if est.price_known else "yellow"))
@@ -354,7 +392,7 @@ def render_estimate(est: CostEstimate, console: Console) -> None:
         sizes += f" (sample of {fmt_int(est.items_seen)})"
     t.add_row("image sizes", sizes)
     if est.unreadable:
-        t.add_row("unreadable", Text(f"unreadable: {fmt_int(est.unreadable)}"
+        t.add_row("problems", Text(f"unreadable: {fmt_int(est.unreadable)}"
                                      + (f" of {fmt_int(est.items_seen)} sampled" if est.sampled else "")
                                      + " (counted as 0 image tokens)", style="yellow"))
     t.add_row("input tokens", f"{fmt_int(est.input_tokens)} (image {fmt_int(est.image_tokens)}, "

@@ -41,12 +41,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import InputError, OutputError
-from pipeline.outputs import ATTRIBUTE_META_COLUMNS
+from pipeline.index import load_index
+from pipeline.manifest import read_manifest
+from pipeline.outputs import ATTRIBUTE_META_COLUMNS, CAPTIONS_ALL, MANIFEST, read_attributes, read_captions
 from pipeline.records import CaptionRow, IndexEntry
 from pipeline.refusals import is_empty, looks_like_refusal
 
 EXPORT_FORMATS = ("cuhk-pedes", "icfg-pedes", "rstpreid", "jsonl")
-DEFAULT_FILE_NAMES = {
+# The file names the training code opens (IRRA: <dataset>/<name>); the default export path is
+# <out>/export_<format>.json[l], so rename or link it to this name in the training data folder.
+TRAINING_FILE_NAMES = {
     "cuhk-pedes": "reid_raw.json",
     "icfg-pedes": "ICFG-PEDES.json",
     "rstpreid": "data_captions.json",
@@ -65,6 +69,7 @@ _SPLIT_MAP = {
     "gallery": "test",
     "bounding_box_test": "test",
     "test": "test",
+    "gt_bbox": "test",  # Market-1501's hand-drawn boxes of the query persons
 }
 
 # lowercase words (an in-word apostrophe kept: "person's"), or one CJK character each
@@ -212,16 +217,17 @@ def run_export(
 
     known = set(groups)
     result = ExportResult(records=[], not_in_index=sum(1 for image_id in by_image if image_id not in known))
-    result.no_caption = sum(1 for e in entries if e.image_id not in by_image)
     if fmt == "jsonl":
         for e in entries:
             if e.image_id in by_image or e.image_id in attrs:
                 rows = by_image.get(e.image_id, [])
                 result.records.append(_jsonl_record(e, split_of(e), rows, attrs.get(e.image_id, {})))
                 result.captions += len(rows)
-        result.no_caption = sum(1 for e in entries if e.image_id not in by_image and e.image_id not in attrs)
+            else:
+                result.no_caption += 1
         return result
 
+    result.no_caption = sum(1 for e in entries if e.image_id not in by_image)
     chosen = [e for e in entries if e.image_id in by_image]
     result.no_person = sum(1 for e in chosen if not has_person(e))
     chosen = [e for e in chosen if has_person(e)]
@@ -322,7 +328,48 @@ def write_export(records: list[dict], fmt: str, path: Path) -> None:
 
 
 def default_export_path(out_dir: Path, fmt: str) -> Path:
-    """Where `--to` points by default: the file name the training code expects, in the output folder."""
-    if fmt not in DEFAULT_FILE_NAMES:
+    """`<out>/export_<format>.json` (`.jsonl` for jsonl): next to the captions it was made from."""
+    if fmt not in EXPORT_FORMATS:
         raise InputError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-    return Path(out_dir) / DEFAULT_FILE_NAMES[fmt]
+    suffix = ".jsonl" if fmt == "jsonl" else ".json"
+    return Path(out_dir) / f"export_{fmt.replace('-', '_')}{suffix}"
+
+
+def run_index_path(out_dir: Path) -> Path:
+    """The index a run used, from its manifest.json (relative: as given, else next to the output folder)."""
+    manifest = read_manifest(Path(out_dir))
+    raw = (manifest or {}).get("index")
+    if not isinstance(raw, str) or not raw:
+        raise InputError(f"no index recorded in {Path(out_dir) / MANIFEST}: is {out_dir} a reid-prompt output folder?")
+    path = Path(raw)
+    if path.is_absolute() or path.exists():
+        return path
+    beside = Path(out_dir) / path
+    return beside if beside.exists() else path
+
+
+def export_folder(
+    out_dir: Path,
+    fmt: str,
+    to: Path | None = None,
+    *,
+    val_from_train: float = 0.0,
+    seed: int = 0,
+    index: Path | None = None,
+) -> tuple[Path, int]:
+    """`python -m pipeline export`: read the folder's captions, attributes and index, write one export.
+
+    Returns (path written, records written). The index is the one manifest.json names unless `index`
+    is given. No usable caption at all → InputError, rather than an empty training file.
+    """
+    out_dir = Path(out_dir)
+    _check_options(fmt, val_from_train)
+    captions = read_captions(out_dir)
+    if not any(usable_caption(r.caption) for r in captions):
+        raise InputError(f"no usable captions in {out_dir / CAPTIONS_ALL}; nothing to export")
+    entries = load_index(index if index is not None else run_index_path(out_dir)).entries
+    attributes = read_attributes(out_dir) if fmt == "jsonl" else None
+    result = run_export(fmt, captions, entries, attributes, val_from_train=val_from_train, seed=seed)
+    path = Path(to) if to is not None else default_export_path(out_dir, fmt)
+    write_export(result.records, fmt, path)
+    return path, len(result.records)

@@ -5,21 +5,24 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from pipeline.errors import InputError
 from pipeline.export import (
-    DEFAULT_FILE_NAMES,
+    TRAINING_FILE_NAMES,
     EXPORT_FORMATS,
     build_export,
     carve_val,
     default_export_path,
+    export_folder,
     run_export,
     split_group,
     tokenize,
     write_export,
 )
+from pipeline.outputs import CAPTION_COLUMNS, CAPTIONS_ALL, MANIFEST, caption_record, write_csv_atomic
 from pipeline.records import CaptionRow, IndexEntry
 
 
@@ -130,7 +133,7 @@ def captions_per_path(train: list[tuple]) -> dict[str, int]:
 
 def export_file(tmp_path: Path, fmt: str, **kwargs: object) -> Path:
     records = build_export(fmt, CAPTIONS, ENTRIES, **kwargs)  # type: ignore[arg-type]
-    path = tmp_path / DEFAULT_FILE_NAMES[fmt]
+    path = tmp_path / TRAINING_FILE_NAMES[fmt]
     write_export(records, fmt, path)
     return path
 
@@ -302,4 +305,40 @@ def test_empty_inputs_give_empty_exports(tmp_path: Path) -> None:
 def test_tokenize_and_default_path(tmp_path: Path) -> None:
     assert tokenize("A woman's long-sleeved, WHITE shirt!") == ["a", "woman's", "long", "sleeved", "white", "shirt"]
     assert tokenize("穿白色T恤") == ["穿", "白", "色", "t", "恤"]
-    assert default_export_path(tmp_path, "rstpreid") == tmp_path / "data_captions.json"
+    assert default_export_path(tmp_path, "rstpreid") == tmp_path / "export_rstpreid.json"
+    assert default_export_path(tmp_path, "jsonl") == tmp_path / "export_jsonl.jsonl"
+
+
+def write_run_folder(out: Path) -> None:
+    write_csv_atomic(out / CAPTIONS_ALL, CAPTION_COLUMNS, [caption_record(r) for r in CAPTIONS])
+    (out / MANIFEST).write_text(json.dumps({"index": "index.json"}), encoding="utf-8")
+
+
+def test_export_folder_reads_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_run_folder(tmp_path)
+    (tmp_path / "index.json").write_text("{}", encoding="utf-8")
+    seen: list[Path] = []
+
+    def fake_load_index(path: Path) -> SimpleNamespace:
+        seen.append(Path(path))
+        return SimpleNamespace(entries=ENTRIES)
+
+    monkeypatch.setattr("pipeline.export.load_index", fake_load_index)
+    path, count = export_folder(tmp_path, "cuhk-pedes", val_from_train=0.4, seed=3)
+    assert seen == [tmp_path / "index.json"]
+    assert path == tmp_path / "export_cuhk_pedes.json"
+    records = json.loads(path.read_text(encoding="utf-8"))
+    assert count == len(records) == len(build_export("cuhk-pedes", CAPTIONS, ENTRIES, val_from_train=0.4, seed=3))
+    assert records == build_export("cuhk-pedes", CAPTIONS, ENTRIES, val_from_train=0.4, seed=3)
+    target = tmp_path / "elsewhere" / "data.jsonl"
+    assert export_folder(tmp_path, "jsonl", target)[0] == target and target.is_file()
+
+
+def test_export_folder_errors(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no usable captions"):
+        export_folder(tmp_path, "jsonl")
+    write_csv_atomic(tmp_path / CAPTIONS_ALL, CAPTION_COLUMNS, [caption_record(r) for r in CAPTIONS])
+    with pytest.raises(InputError, match="no index recorded"):
+        export_folder(tmp_path, "jsonl")
+    with pytest.raises(InputError, match="choose one of"):
+        export_folder(tmp_path, "csv")

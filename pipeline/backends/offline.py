@@ -43,23 +43,32 @@ def nearest_colour(rgb: tuple[int, int, int]) -> str:
 
 
 def dominant_colour(img: Image.Image, rows: tuple[float, float], cols: tuple[float, float] = BODY_COLS) -> str:
-    """The most frequent colour name in a region, ignoring pixels that match the background."""
+    """The most frequent colour name in a region, leaving out pixels close to the background.
+
+    The background is measured (the crop's side borders) rather than named, so a pale wall is not
+    mistaken for a white shirt, while a white shirt on a dark street still counts.
+    """
     w, h = img.size
     box = (int(cols[0] * w), int(rows[0] * h), max(int(cols[0] * w) + 1, int(cols[1] * w)),
            max(int(rows[0] * h) + 1, int(rows[1] * h)))
-    region = img.crop(box).resize((16, 16))
-    background = _background_colour(img)
-    counts: Counter[str] = Counter(nearest_colour(p) for p in region.getdata())
-    if len(counts) > 1 and background in counts:
-        del counts[background]
-    return counts.most_common(1)[0][0]
+    pixels = list(img.crop(box).resize((16, 16)).getdata())
+    bg = _background_rgb(img)
+    person = [p for p in pixels if _dist2(p, bg) > BACKGROUND_DIST2] or pixels
+    return Counter(nearest_colour(p) for p in person).most_common(1)[0][0]
 
 
-def _background_colour(img: Image.Image) -> str:
-    """Colour name of the crop's left and right borders, where the person rarely is."""
+BACKGROUND_DIST2 = 35**2
+
+
+def _dist2(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    return (a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2 + (a[2] - b[2]) ** 2
+
+
+def _background_rgb(img: Image.Image) -> tuple[int, int, int]:
+    """Median colour of the crop's left and right borders, where the person rarely is."""
     w, h = img.size
-    strip = [img.getpixel((x, y)) for y in range(0, h, max(1, h // 16)) for x in (0, w - 1)]
-    return Counter(nearest_colour(p) for p in strip).most_common(1)[0][0]
+    strip = [img.getpixel((x, y)) for y in range(0, h, max(1, h // 32)) for x in (0, 1, w - 2, w - 1)]
+    return tuple(sorted(c[i] for c in strip)[len(strip) // 2] for i in range(3))  # type: ignore[return-value]
 
 
 def describe(img: Image.Image) -> str:

@@ -109,8 +109,9 @@ def stop_reason_text(snap: Snapshot) -> str | None:
     reason = snap.stop_reason
     if not reason:
         return None
-    if reason == "interrupted":
-        return "Ctrl-C"
+    if reason.startswith("interrupted"):
+        rest = reason[len("interrupted") :].strip()  # "interrupted (immediately)" after a second Ctrl-C
+        return f"Ctrl-C {rest}" if rest else "Ctrl-C"
     if reason == "budget":
         if snap.max_cost is not None:
             return f"budget of {fmt_usd(snap.max_cost)} reached"
@@ -203,7 +204,8 @@ class _Figures:
 
 def stopping_text(snap: Snapshot, reason: str) -> str:
     """'stopping: Ctrl-C — finishing 12 answers in flight' while answers are still due, 'stopped: ...' after."""
-    if snap.in_flight > 0 and not reason.startswith("fatal"):
+    waits = not reason.startswith("fatal") and "immediately" not in reason
+    if snap.in_flight > 0 and waits:
         return f"stopping: {reason} — finishing {fmt_int(snap.in_flight)} answers in flight"
     return f"stopped: {reason}"
 

@@ -18,9 +18,12 @@ point out of the root; a missing image is a per-image error of the run, not an i
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,6 +137,41 @@ def load_index(path: Path, root: Path | None = None) -> LoadedIndex:
     """Read and validate an index in any of the three forms; `root` overrides the image root."""
     path = Path(path)
     text = _read_text(path)
+    with _gc_paused():
+        return _parse_index(path, text, None if root is None else Path(root))
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Building a million entries triggers many full cyclic-GC passes over objects that cannot form
+    cycles; pausing the collector cuts load time by about a third. Restored even on error."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+class _PathMaker:
+    """Path objects for many files: each folder is parsed once and the name appended (`parent / name`),
+    noticeably cheaper per file than Path(full), which re-parses every component."""
+
+    def __init__(self) -> None:
+        self._dirs: dict[str, Path] = {}
+
+    def __call__(self, full: str) -> Path:
+        folder, _, name = full.rpartition(os.sep)
+        parent = self._dirs.get(folder)
+        if parent is None:
+            # "" (POSIX root) and "C:" (Windows drive) must keep their separator to stay absolute.
+            parent = Path(folder + os.sep if not folder or folder.endswith(":") else folder)
+            self._dirs[folder] = parent
+        return parent / name
+
+
+def _parse_index(path: Path, text: str, root: Path | None) -> LoadedIndex:
     head = text.lstrip()[:1]
     if head in ("{", "["):
         try:
@@ -149,14 +187,14 @@ def load_index(path: Path, root: Path | None = None) -> LoadedIndex:
                 raise IndexFormatError(
                     f"index {path}: item {i} is {_kind(item)}, expected a path string")
             if item.strip():
-                items.append((f"item {i}", item.strip()))
-        return _load_path_list(path, items, root)
+                items.append((i, item.strip()))
+        return _load_path_list(path, items, root, "item")
     items = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if line and not line.startswith("#"):
-            items.append((f"line {lineno}", line))
-    return _load_path_list(path, items, root)
+            items.append((lineno, line))
+    return _load_path_list(path, items, root, "line")
 
 
 def _read_text(path: Path) -> str:
@@ -247,6 +285,7 @@ def _load_json_index(path: Path, data: dict, root: Path | None) -> LoadedIndex:
         raise IndexFormatError(f"index {path} has no images")
     entries: list[IndexEntry] = []
     root_sep = r.path.rstrip("\\/") + os.sep
+    make_path = _PathMaker()
     for i, item in enumerate(images):
         where = f"index {path}: images[{i}]"
         if not isinstance(item, dict):
@@ -271,7 +310,7 @@ def _load_json_index(path: Path, data: dict, root: Path | None) -> LoadedIndex:
             full = r.inside(raw, r.path)
             if full is None:
                 raise IndexFormatError(f"{where}: path {raw!r} is outside the image root {r.path}")
-        entries.append(IndexEntry(image_id, Path(full), pid, camid, split, i, junk))
+        entries.append(IndexEntry(image_id, make_path(full), pid, camid, split, i, junk))
     _check_unique(path, [e.image_id for e in entries])
     return LoadedIndex(Path(r.path), dataset, entries, path)
 
@@ -283,9 +322,10 @@ def _opt_int(item: dict, key: str, where: str) -> int | None:
     raise IndexFormatError(f"{where}: '{key}' must be an integer or null, got {value!r}")
 
 
-def _load_path_list(path: Path, items: list[tuple[str, str]], root: Path | None) -> LoadedIndex:
+def _load_path_list(path: Path, items: list[tuple[int, str]], root: Path | None, unit: str) -> LoadedIndex:
     """Forms (b) and (c): relative paths against `root` (else the index folder); without `root`,
-    absolute paths make the root their common parent folder."""
+    absolute paths make the root their common parent folder. `items` are (line or item number, path);
+    `unit` ("line"/"item") names the number in error messages."""
     if not items:
         raise IndexFormatError(f"index {path} has no images")
     index_dir = os.path.normpath(os.path.abspath(path.parent))
@@ -300,9 +340,10 @@ def _load_path_list(path: Path, items: list[tuple[str, str]], root: Path | None)
     fast_id_prefix = r.relative(fast_prefix) if r.contains(base) and base != r.path else ""
     fast = r.contains(base)
     entries: list[IndexEntry] = []
+    make_path = _PathMaker()
     styles: set[str] = set()
     split_of: dict[str, str | None] = {}
-    for position, (label, raw) in enumerate(items):
+    for position, (number, raw) in enumerate(items):
         p = raw.replace("\\", "/") if "\\" in raw else raw
         if fast and _is_plain_relative(p):
             full = fast_prefix + (p if os.sep == "/" else p.replace("/", os.sep))
@@ -310,7 +351,7 @@ def _load_path_list(path: Path, items: list[tuple[str, str]], root: Path | None)
         else:
             full = r.inside(p, base)
             if full is None:
-                raise IndexFormatError(f"index {path} {label}: path {raw!r} is outside the image root {r.path}")
+                raise IndexFormatError(f"index {path} {unit} {number}: path {raw!r} is outside the image root {r.path}")
             image_id = r.relative(full)
         folder, _, name = image_id.rpartition("/")
         split = split_of.get(folder, "?")
@@ -318,12 +359,12 @@ def _load_path_list(path: Path, items: list[tuple[str, str]], root: Path | None)
             split = split_of[folder] = split_from_parts(folder.split("/")) if folder else None
         styled = parse_reid_name_styled(name)
         if styled is None:
-            entries.append(IndexEntry(image_id, Path(full), None, None, split, position))
+            entries.append(IndexEntry(image_id, make_path(full), None, None, split, position))
             continue
         parsed, style = styled
         if style:
             styles.add(style)
-        entries.append(IndexEntry(image_id, Path(full), parsed.pid, parsed.camid, split, position,
+        entries.append(IndexEntry(image_id, make_path(full), parsed.pid, parsed.camid, split, position,
                                   parsed.junk))
     _check_unique(path, [e.image_id for e in entries])
     dataset = "market1501" if "market1501" in styles else "dukemtmc" if "dukemtmc" in styles else "folder"

@@ -35,7 +35,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from rich.console import Console
 
 from pipeline import __version__
-from pipeline.attributes import AttributeValidationError, field_names, validate_answer
+from pipeline.attributes import AttributeValidationError, field_names, response_format, validate_answer
 from pipeline.backends.base import APIFailure, Backend, ErrorKind, ModelReply, ModelRequest
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, FatalAPIError, ImageError
@@ -44,7 +44,7 @@ from pipeline.index import LoadedIndex, load_index
 from pipeline.limits import RateLimiter
 from pipeline.manifest import base_manifest, now_iso, read_manifest, write_manifest
 from pipeline.pricing import ModelPrice, cost_usd, load_pricing, resolve_price
-from pipeline.prompts import load_prompts, render_prompt
+from pipeline.prompts import has_templates, load_prompts, render_prompt
 from pipeline.records import AttributeRow, CaptionRow, ErrorRow, IndexEntry, Prompt, Usage
 from pipeline.retry import RetryPolicy, decide
 from pipeline.stats import RunStats, Snapshot
@@ -73,12 +73,21 @@ def captions_wanted(prompt: Prompt, captions_per_image: int) -> int:
 
 
 def plan_jobs(entries: list[IndexEntry], prompts: list[Prompt], n: int, done: set) -> Iterator[Job]:
-    """Lazily yield the work still to do, in index order, skipping every (id, prompt, slot) already done."""
+    """Lazily yield the work still to do, in index order, skipping every (id, prompt, slot) already done.
+
+    Slots of one image share one request (`n`), except under a templated prompt: there every caption
+    gets its own sentence template, so its own request, and the captions do not share one shape.
+    """
     for entry in entries:
         for prompt in prompts:
             wanted = captions_wanted(prompt, n)
             missing = tuple(i for i in range(wanted) if (entry.image_id, prompt.name, i) not in done)
-            if missing:
+            if not missing:
+                continue
+            if has_templates(prompt):
+                for i in missing:
+                    yield Job(entry, prompt, (i,))
+            else:
                 yield Job(entry, prompt, missing)
 
 
@@ -294,13 +303,13 @@ async def process(ctx: Context, job: Job) -> list[Result]:
             disp.add(Job(job.entry, job.prompt, (i,), job.attempts))
         job.indices = job.indices[:1]
 
-    prompt_text = render_prompt(job.prompt, job.entry.image_id)
+    prompt_text = render_prompt(job.prompt, job.entry.image_id, job.indices[0])
     n = len(job.indices)
     est = estimate_request(
         ctx.price.image_rule, prompt_text, payload.width, payload.height,
         cfg.model.detail, cfg.model.max_tokens, n=n,
     )
-    reserve = est.input_tokens + est.output_tokens
+    reserve = est.reserve_tokens
     guess = 0.0
     if ctx.budget_left is not None:
         guess = request_cost_guess(ctx, est.input_tokens, est.output_tokens)
@@ -326,8 +335,8 @@ async def process(ctx: Context, job: Job) -> list[Result]:
         max_tokens=cfg.model.max_tokens,
         n=n,
         temperature=cfg.model.temperature,
-        response_schema=job.prompt.schema,
-        schema_name=_schema_name(job.prompt.name),
+        response_format=response_format(job.prompt) if job.prompt.schema is not None else None,
+        reserve_tokens=reserve,
     )
     job.attempts += 1
     stats.request_sent()
@@ -345,11 +354,6 @@ async def process(ctx: Context, job: Job) -> list[Result]:
     ctx.limiter.observe_headers(reply.headers)
     ctx.limiter.correct(reservation, reply.usage.total_tokens)
     return handle_reply(ctx, job, prompt_text, reply)
-
-
-def _schema_name(name: str) -> str:
-    clean = "".join(c if c.isalnum() or c in "_-" else "_" for c in name)
-    return clean[:64] or "attributes"
 
 
 def _account(ctx: Context, usage: Usage) -> float:

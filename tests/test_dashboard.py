@@ -155,6 +155,7 @@ def test_long_image_ids_keep_their_file_name() -> None:
     [
         ("interrupted", 2, "stopping: Ctrl-C — finishing 2 answers in flight"),
         ("interrupted", 0, "stopped: Ctrl-C"),
+        ("interrupted (immediately)", 3, "stopped: Ctrl-C (immediately)"),
         ("budget", 1, "stopping: budget of $5.00 reached — finishing 1 answers in flight"),
         ("fatal: 401 invalid key", 4, "stopped: fatal: 401 invalid key"),
     ],

@@ -53,8 +53,8 @@ class ModelRequest:
     max_tokens: int | None = 300
     n: int = 1
     temperature: float | None = None
-    response_schema: dict | None = None  # strict json_schema response_format when set
-    schema_name: str = "attributes"
+    response_format: dict | None = None  # e.g. strict json_schema for attribute prompts
+    reserve_tokens: int | None = None  # what the limiter reserved: tells "request too large" from a 429
 
 
 @dataclass(frozen=True)

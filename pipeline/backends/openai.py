@@ -1,20 +1,33 @@
 """The OpenAI backend: any OpenAI-compatible chat-completions server, through the real `openai` SDK.
 
 One `AsyncOpenAI` client for the whole run, on the SDK's aiohttp transport with a connection pool sized
-to the worker pool (measured in benchmarks/: cheaper per request than the default httpx transport, which
-on 2 cores would make the client, not the API, the ceiling). The SDK's own retries are off: the pipeline
-owns retries (pipeline.retry) so that every attempt is counted and a 429 pauses the whole pool.
+to the worker pool. The SDK's own retries are off: the pipeline owns retries (pipeline.retry) so that
+every attempt is counted and a 429 pauses the whole pool.
+
+Requests go through the SDK's documented low-level call, `client.post("/chat/completions",
+cast_to=httpx.Response, body=...)`: the same client, auth, transport, timeouts and typed errors
+(`openai.RateLimitError`, `AuthenticationError`, ...), minus two per-request costs that buy nothing for a
+request we build ourselves as plain JSON: the SDK's TypedDict transform of the parameters (it walks the
+whole message, base64 image included) and the pydantic model of the answer. Measured on 2 cores at
+concurrency 64 against the loopback server (benchmarks/bench_ceiling.py), those two were most of the
+client's CPU per request; without them the client is no longer the ceiling.
 
 Building the request and reading the answer are plain functions, tested without a server.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Mapping
 
 import anyio
 import openai
+
+try:  # the SDK's HTTP library: httpx2 in openai>=3, httpx before
+    import httpx2 as _httpx
+except ImportError:  # pragma: no cover - older SDKs
+    import httpx as _httpx  # type: ignore[no-redef]
 
 from pipeline.backends.base import APIFailure, ErrorKind, ModelReply, ModelRequest
 from pipeline.records import Usage
@@ -38,24 +51,18 @@ def build_request(req: ModelRequest) -> dict[str, Any]:
         kwargs["n"] = req.n
     if req.temperature is not None:
         kwargs["temperature"] = req.temperature
-    if req.response_schema is not None:
-        kwargs["response_format"] = {
-            "type": "json_schema",
-            "json_schema": {"name": req.schema_name, "strict": True, "schema": req.response_schema},
-        }
+    if req.response_format is not None:
+        kwargs["response_format"] = req.response_format
     return kwargs
 
 
-def usage_of(completion: Any) -> Usage:
-    u = getattr(completion, "usage", None)
-    if u is None:
-        return Usage()
-    details = getattr(u, "prompt_tokens_details", None)
-    cached = getattr(details, "cached_tokens", 0) if details is not None else 0
+def usage_of(completion: Mapping[str, Any]) -> Usage:
+    u = completion.get("usage") or {}
+    details = u.get("prompt_tokens_details") or {}
     return Usage(
-        prompt_tokens=int(getattr(u, "prompt_tokens", 0) or 0),
-        completion_tokens=int(getattr(u, "completion_tokens", 0) or 0),
-        cached_tokens=int(cached or 0),
+        prompt_tokens=int(u.get("prompt_tokens") or 0),
+        completion_tokens=int(u.get("completion_tokens") or 0),
+        cached_tokens=int(details.get("cached_tokens") or 0),
     )
 
 
@@ -73,23 +80,37 @@ def judge_choice(content: str | None, refusal: str | None, finish_reason: str | 
     return None, content.strip()
 
 
-def parse_completion(completion: Any, headers: Mapping[str, str], latency_s: float, requested_model: str) -> ModelReply:
-    """Turn a ChatCompletion into a ModelReply; raise APIFailure when no choice is a caption."""
+def parse_completion(
+    completion: Mapping[str, Any], headers: Mapping[str, str], latency_s: float, requested_model: str
+) -> ModelReply:
+    """Turn a chat.completion JSON object into a ModelReply; raise APIFailure when no choice is a caption."""
     texts: list[str] = []
     rejected: list[tuple[ErrorKind, str]] = []
-    for choice in sorted(completion.choices or [], key=lambda c: c.index or 0):
-        msg = choice.message
-        kind, text = judge_choice(msg.content if msg else None, getattr(msg, "refusal", None), choice.finish_reason)
+    choices = completion.get("choices") or []
+    for choice in sorted(choices, key=lambda c: c.get("index") or 0):
+        msg = choice.get("message") or {}
+        kind, text = judge_choice(msg.get("content"), msg.get("refusal"), choice.get("finish_reason"))
         if kind is None:
             texts.append(text)
         else:
             rejected.append((kind, text))
     usage = usage_of(completion)
-    model = getattr(completion, "model", None) or requested_model
+    model = completion.get("model") or requested_model
     if not texts:
         kind, why = rejected[0] if rejected else (ErrorKind.EMPTY, "no choices in the answer")
         raise APIFailure(kind, why, status=200, headers=headers, usage=usage, model=model)
     return ModelReply(texts=texts, usage=usage, model=model, headers=dict(headers), latency_s=latency_s, rejected=rejected)
+
+
+def decode_body(content: bytes) -> Mapping[str, Any]:
+    """The answer's JSON; a 200 that is not a JSON object is a server fault (retryable)."""
+    try:
+        data = json.loads(content)
+    except ValueError:
+        raise APIFailure(ErrorKind.SERVER, "the server answered 200 with a body that is not JSON") from None
+    if not isinstance(data, dict):
+        raise APIFailure(ErrorKind.SERVER, "the server answered 200 with JSON that is not an object")
+    return data
 
 
 def redact(text: str, secret: str | None) -> str:
@@ -98,23 +119,25 @@ def redact(text: str, secret: str | None) -> str:
     return text
 
 
-def failure_from_sdk(exc: Exception, secret: str | None) -> APIFailure:
-    """Map an SDK exception to a typed APIFailure (by class and status, never by message text)."""
+def failure_from_sdk(exc: Exception, secret: str | None, reserve_tokens: int | None = None) -> APIFailure:
+    """Map an SDK exception to a typed APIFailure (by class, status, code and type; never message text)."""
     if isinstance(exc, openai.APIStatusError):
         body = exc.body if isinstance(exc.body, dict) else {}
         err = body.get("error", body) if isinstance(body, dict) else {}
         code = exc.code or (err.get("code") if isinstance(err, dict) else None)
+        etype = getattr(exc, "type", None) or (err.get("type") if isinstance(err, dict) else None)
         message = (err.get("message") if isinstance(err, dict) else None) or exc.message or ""
         message = " ".join(str(message).split())[:300]
+        headers = dict(exc.response.headers) if exc.response is not None else {}
         return APIFailure(
-            classify_status(exc.status_code, code),
+            classify_status(exc.status_code, code, error_type=etype, headers=headers, reserve_tokens=reserve_tokens),
             redact(f"HTTP {exc.status_code}{f' {code}' if code else ''}: {message}", secret),
             status=exc.status_code,
-            headers=dict(exc.response.headers) if exc.response is not None else {},
+            headers=headers,
         )
     if isinstance(exc, (openai.APITimeoutError, TimeoutError)):
         return APIFailure(ErrorKind.TIMEOUT, "request timed out")
-    if isinstance(exc, openai.APIConnectionError):
+    if isinstance(exc, (openai.APIConnectionError, _httpx.HTTPError)):
         cause = exc.__cause__ or exc.__context__
         why = type(cause).__name__ if cause is not None else "connection error"
         return APIFailure(ErrorKind.CONNECTION, f"connection failed ({why})")
@@ -159,13 +182,11 @@ class OpenAIBackend:
         try:
             # Our own deadline as well as the SDK's: a server that trickles bytes forever is abandoned too.
             with anyio.fail_after(self.timeout + 1.0):
-                raw = await self.client.chat.completions.with_raw_response.create(**kwargs)
-                completion = raw.parse()
-        except APIFailure:
-            raise
-        except (openai.OpenAIError, TimeoutError) as exc:
-            raise failure_from_sdk(exc, self._key) from None
-        return parse_completion(completion, raw.headers, time.perf_counter() - t0, request.model)
+                response = await self.client.post("/chat/completions", cast_to=_httpx.Response, body=kwargs)
+                content = await response.aread()
+        except (openai.OpenAIError, TimeoutError, _httpx.HTTPError) as exc:
+            raise failure_from_sdk(exc, self._key, request.reserve_tokens) from None
+        return parse_completion(decode_body(content), response.headers, time.perf_counter() - t0, request.model)
 
     async def aclose(self) -> None:
         await self.client.close()

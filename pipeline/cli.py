@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="caption every image of an index (resumes what is done)")
     r.add_argument("--index", required=True, type=Path, help="index from `prepare`, a JSON list of paths, or a text file of paths")
     r.add_argument("--out", required=True, type=Path, help="output folder (captions_all.csv, parts, errors.csv, manifest.json)")
+    r.add_argument("--root", type=Path, default=None, help="image root for a plain list of paths (default: the list's folder)")
     r.add_argument("--prompt-file", "--prompt_file", dest="prompt_files", action="append", type=Path, default=[],
                    help="prompt file (repeatable; the file stem names the prompt)")
     r.add_argument("--prompts", dest="prompts_dir", type=Path, default=None, help="use every prompt in this folder")
@@ -119,6 +120,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
     base_url = a.base_url or os.environ.get("OPENAI_BASE_URL") or None
     return RunConfig(
         index=a.index,
+        root=a.root,
         out=a.out,
         prompt_files=list(a.prompt_files),
         prompts_dir=a.prompts_dir,

@@ -46,6 +46,7 @@ class PriceConfig:
 class RunConfig:
     index: Path
     out: Path
+    root: Path | None = None  # image root for a plain list of paths
     prompt_files: list[Path] = field(default_factory=list)
     prompts_dir: Path | None = None
     batch_size: int = 1000

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -360,7 +360,8 @@ def _looks_msmt(base: Path) -> bool:
         if folder is None:
             continue
         try:
-            subdirs = sorted(e.name for e in os.scandir(folder) if e.is_dir())[:3]
+            with os.scandir(folder) as it:
+                subdirs = sorted(e.name for e in it if e.is_dir())[:3]
         except OSError:
             continue
         for sub in subdirs:
@@ -410,8 +411,8 @@ def dataset_base(root: Path) -> Path:
     if _detect_here(root) is not None:
         return root
     try:
-        subdirs = [e for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")
-                   and e.name != "__MACOSX"]
+        with os.scandir(root) as it:
+            subdirs = [e for e in it if e.is_dir() and not e.name.startswith(".") and e.name != "__MACOSX"]
     except OSError:
         return root
     if len(subdirs) == 1 and _detect_here(Path(subdirs[0].path)) is not None:
@@ -428,8 +429,10 @@ def detect_dataset(root: Path) -> str:
 # --------------------------------------------------------------------------------------------- scanning
 
 
-def _scan_market_like(root: Path, base: Path, splits: frozenset[str] | None, parse, what: str,
+def _scan_market_like(root: Path, base: Path, splits: frozenset[str] | None,
+                      parse: Callable[[str], ParsedName | None], what: str,
                       strict: bool = True) -> list[DatasetImage]:
+    """Market-style folders under `base`; `strict` raises when none exist (the user named the set)."""
     wanted = splits if splits is not None else _MARKET_DEFAULT_SPLITS
     if strict and not _has_market_folders(base):
         raise InputError(f"no {what} folders (bounding_box_train, query, bounding_box_test) in {root}")

@@ -9,6 +9,10 @@ Three forms load:
   (a) the JSON index written by `write_index`: {"root", "dataset", "images": [{"image_id", "path", ...}]};
   (b) a JSON list of path strings;
   (c) a text file with one path per line (blank lines and `#` comments ignored, BOM and CRLF tolerated).
+For (b)/(c) the file's order is kept, relative paths are relative to `root` (else the index file's
+folder), image_id is the path relative to the root, pid/camid/junk come from Market/Duke-style names,
+split from a known folder name in the path (query, bounding_box_test, ...), and the dataset is guessed
+from the names ("market1501", "dukemtmc", else "folder").
 
 Loading is lexical on purpose: no per-image stat or Path.resolve() (a million files on a network drive
 would take minutes). Containment in the root is checked on normalised strings (os.path.normpath, after

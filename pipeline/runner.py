@@ -521,7 +521,7 @@ def prepare(cfg: RunConfig, *, readonly: bool = False) -> Prepared:
     prompts = load_prompts(cfg.prompt_files, cfg.prompts_dir)
     if cfg.model.backend == "offline" and any(p.schema is not None for p in prompts):
         raise ConfigError("the offline backend cannot answer structured (JSON schema) prompts")
-    index = load_index(cfg.index)
+    index = load_index(cfg.index, cfg.root)
     positions = {e.image_id: e.position for e in index.entries}
     attr_fields: list[str] = []
     for p in prompts:

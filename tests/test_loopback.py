@@ -242,7 +242,7 @@ async def test_storm_returns_429_for_its_duration(server):
         t0 = time.monotonic()
         with pytest.raises(openai.RateLimitError) as e:
             await ask(client, data)
-        assert 0 < int(e.value.response.headers["retry-after-ms"]) <= 400
+        assert 0 < int(e.value.response.headers["retry-after-ms"]) <= 410  # ceil of the storm time left
         with pytest.raises(openai.RateLimitError):
             await ask(client, data)
         await asyncio.sleep(max(0.0, 0.45 - (time.monotonic() - t0)))

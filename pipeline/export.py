@@ -367,7 +367,11 @@ def export_folder(
     captions = read_captions(out_dir)
     if not any(usable_caption(r.caption) for r in captions):
         raise InputError(f"no usable captions in {out_dir / CAPTIONS_ALL}; nothing to export")
-    entries = load_index(index if index is not None else run_index_path(out_dir)).entries
+    recorded_root = (read_manifest(out_dir) or {}).get("root") if index is None else None
+    entries = load_index(
+        index if index is not None else run_index_path(out_dir),
+        Path(recorded_root) if isinstance(recorded_root, str) and recorded_root else None,
+    ).entries
     attributes = read_attributes(out_dir) if fmt == "jsonl" else None
     result = run_export(fmt, captions, entries, attributes, val_from_train=val_from_train, seed=seed)
     path = Path(to) if to is not None else default_export_path(out_dir, fmt)

@@ -568,6 +568,7 @@ class ManifestKeeper:
         self.data = base_manifest(previous)
         self.data.update({
             "index": str(Path(cfg.index).resolve()),
+            "root": str(prep.index.root),
             "index_images": len(prep.index.entries),
             "work_items_total": prep.total,
             "out": str(Path(cfg.out).resolve()),

@@ -163,6 +163,27 @@ def run_measured(cmd: Sequence[str], *, timeout_s: float, env: dict[str, str] | 
     return ProcResult(rc, time.monotonic() - t0, None, None, timed_out)
 
 
+def _reap(proc: subprocess.Popen, timeout_s: float) -> float | None:
+    """Wait for `proc` (SIGKILL after `timeout_s`); its CPU seconds where os.wait4 exists."""
+    if not hasattr(os, "wait4"):  # pragma: no cover
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        return None
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+        if pid == proc.pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return ru.ru_utime + ru.ru_stime
+        if time.monotonic() > deadline:
+            proc.kill()
+            deadline = time.monotonic() + 3600
+        time.sleep(0.02)
+
+
 class Loopback:
     """The loopback server in its own process: `python -m pipeline.testing.loopback --port 0 ...`.
 
@@ -177,6 +198,7 @@ class Loopback:
             self.args.append("--any-key")
         self.url = ""
         self.stats: dict[str, Any] = {}
+        self.cpu_s: float | None = None  # the server's own CPU seconds (user + sys), after stop()
         self._proc: subprocess.Popen | None = None
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._err = tempfile.TemporaryFile()
@@ -218,13 +240,8 @@ class Loopback:
         if proc is None:
             return self.stats
         self._proc = None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        proc.send_signal(signal.SIGTERM)
+        self.cpu_s = _reap(proc, timeout_s)
         deadline = time.monotonic() + 5
         while True:
             try:

@@ -104,6 +104,50 @@ def write_index(paths: Sequence[Path], folder: Path) -> Path:
     return index
 
 
+# --------------------------------------------------------------------------------------------- CLI
+
+def make_parser(name: str, description: str, **defaults: Any) -> argparse.ArgumentParser:
+    """The options every benchmark takes; `defaults` sets images, concurrency, latency, timeout."""
+    p = argparse.ArgumentParser(prog=f"benchmarks/bench_{name}.py", description=description)
+    p.add_argument("--images", type=int, default=None, help=f"images to caption (default {defaults.get('images')}; "
+                   f"--quick {defaults.get('quick_images')})")
+    p.add_argument("--concurrency", type=int, default=defaults.get("concurrency", 64),
+                   help=f"requests in flight (default {defaults.get('concurrency', 64)})")
+    p.add_argument("--latency", type=float, default=defaults.get("latency", 0.2),
+                   help=f"server latency in seconds (default {defaults.get('latency', 0.2)})")
+    p.add_argument("--quick", action="store_true", help="a fast smoke run (fewer images)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary output folders")
+    p.add_argument("--run-timeout", type=float, default=defaults.get("timeout", 600.0),
+                   help="seconds any one pipeline or client run may take before it is stopped")
+    p.set_defaults(_default_images=defaults.get("images"), _quick_images=defaults.get("quick_images"))
+    return p
+
+
+def images_wanted(a: argparse.Namespace) -> int:
+    if a.images is not None:
+        return a.images
+    return a._quick_images if a.quick else a._default_images
+
+
+class Workdir:
+    """A temporary folder for indexes and output folders, removed at the end unless `keep`."""
+
+    def __init__(self, name: str, keep: bool = False) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix=f"reid-bench-{name}-"))
+        self.keep = keep
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.keep:
+            detail(f"kept {self.path}")
+            return
+        import shutil
+
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------------------------- processes
 
 @dataclass
@@ -220,16 +264,22 @@ class Loopback:
             try:
                 line = self._lines.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
-                self.stop()
+                self._abort()
                 raise RuntimeError("loopback server did not start in time") from None
             if line is None:
                 raise RuntimeError(f"loopback server exited: {self._stderr_tail()}")
             if line.startswith("LISTENING "):
                 self.url = line.split(None, 1)[1].strip()
                 if not self.url.startswith("http://127.0.0.1:"):
-                    self.stop()
+                    self._abort()
                     raise RuntimeError(f"loopback server is not on 127.0.0.1: {self.url}")
                 return self
+
+    def _abort(self) -> None:
+        try:
+            self.stop(timeout_s=10)
+        except RuntimeError:
+            pass
 
     def _stderr_tail(self) -> str:
         self._err.seek(0)

@@ -192,6 +192,7 @@ class RateLimiter:
         learn: bool = True,
         burst_s: float = 1.0,
         safety: float = 0.97,
+        probe: bool = False,
     ) -> None:
         if not burst_s > 0:
             raise ValueError(f"burst_s must be positive, got {burst_s!r}")
@@ -210,6 +211,14 @@ class RateLimiter:
         self._paused_until = 0.0
         self._last_est = 0
         self.snapshot = HeaderSnapshot()
+        # Probe: while a limit is still to be learned, one request goes first and the rest of the pool
+        # waits for its answer (and its headers). Without it a pool of 64 workers fires 64 requests at a
+        # limit it has not seen yet, and the start of every run is a burst of 429s.
+        # `probe` is for callers that settle every reservation (`correct`) or report every answer's
+        # headers (`observe_headers`); the probe ends at the first of either.
+        self._probing = probe and learn and (self._configured_rpm is None or self._configured_tpm is None)
+        self._probe_sent = False
+        self._probe_answered = asyncio.Event()
 
     # ------------------------------------------------------------------ limits
 
@@ -241,6 +250,11 @@ class RateLimiter:
         `est_tokens` should be what the server reserves up front: input estimate + max_tokens x n.
         """
         est = max(0, int(est_tokens))
+        if self._probing and not self._probe_answered.is_set():
+            if self._probe_sent:
+                await self._probe_answered.wait()
+            else:
+                self._probe_sent = True
         await self._wait_pause()
         if self._rpm is not None:
             await self._rpm.acquire(1)
@@ -263,6 +277,7 @@ class RateLimiter:
         settled once; later calls are ignored. If the tpm limit was learned after this reservation was
         taken, the reservation was never charged and nothing is adjusted.
         """
+        self._end_probe()
         if reservation.settled:
             return
         reservation.settled = True
@@ -270,6 +285,11 @@ class RateLimiter:
         if bucket is None or bucket is not self._tpm:
             return
         bucket.adjust(max(0, int(actual_tokens)) - reservation.charged_tokens)
+
+    def _end_probe(self) -> None:
+        """The probe came back (answered, failed or abandoned): open the pool."""
+        if self._probing and not self._probe_answered.is_set():
+            self._probe_answered.set()
 
     # ------------------------------------------------------------------ pause
 
@@ -305,11 +325,13 @@ class RateLimiter:
           this applies with or without `learn` because the server's state is the truth for a shared key.
         """
         if not headers:
+            self._end_probe()
             return
         h = {str(k).lower(): v for k, v in headers.items()}
         if "x-ratelimit-limit-requests" not in h and "x-ratelimit-remaining-requests" not in h and (
             "x-ratelimit-limit-tokens" not in h and "x-ratelimit-remaining-tokens" not in h
         ):
+            self._end_probe()
             return  # vLLM, Ollama, LM Studio: nothing to learn
 
         lim_r = _int_header(h, "x-ratelimit-limit-requests")
@@ -336,6 +358,7 @@ class RateLimiter:
         )
         if wait > 0:
             self.pause(wait)
+        self._end_probe()
 
     def _learn(self, bucket: _Bucket | None, per_minute: float) -> _Bucket:
         if bucket is None:

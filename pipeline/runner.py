@@ -345,15 +345,30 @@ async def process(ctx: Context, job: Job) -> list[Result]:
         reply = await ctx.backend.caption(request)
     except APIFailure as failure:
         ctx.limiter.observe_headers(failure.headers)
-        ctx.limiter.correct(reservation, failure.usage.total_tokens if failure.usage else 0)
+        ctx.limiter.correct(reservation, tpm_charge(failure.kind, failure.usage, reserve, est.output_tokens))
         if failure.usage is not None:
             _account(ctx, failure.usage)
         return handle_failure(ctx, job, failure.kind, failure.message, failure.headers)
     finally:
         ctx.inflight_cost -= guess
     ctx.limiter.observe_headers(reply.headers)
-    ctx.limiter.correct(reservation, reply.usage.total_tokens)
+    ctx.limiter.correct(reservation, tpm_charge(None, reply.usage, reserve, est.output_tokens))
     return handle_reply(ctx, job, prompt_text, reply)
+
+
+def tpm_charge(kind: ErrorKind | None, usage: Usage | None, reserved: int, max_output: int) -> int:
+    """What the server counted against tokens-per-minute for one attempt.
+
+    OpenAI reserves input + max_tokens x n up front and does not give back the unused answer budget, so
+    the limiter keeps the output reservation and corrects only the input estimate from `usage`. A 429
+    was not admitted (nothing counted); other failures without usage keep the reservation, since the
+    server may have counted them before failing.
+    """
+    if usage is not None:
+        return usage.prompt_tokens + max(max_output, usage.completion_tokens)
+    if kind is ErrorKind.RATE_LIMIT:
+        return 0
+    return reserved
 
 
 def _account(ctx: Context, usage: Usage) -> float:
@@ -702,7 +717,7 @@ async def run_prepared(
     backend = backend or make_backend(cfg, prep.api_key)
     stats = RunStats(total=prep.total, skipped=prep.skipped, concurrency=cfg.limits.concurrency,
                      max_cost=cfg.limits.max_cost)
-    limiter = RateLimiter(cfg.limits.rpm, cfg.limits.tpm, learn=cfg.model.backend == "openai")
+    limiter = RateLimiter(cfg.limits.rpm, cfg.limits.tpm, learn=cfg.model.backend == "openai", probe=True)
     stats.rpm_limit, stats.tpm_limit = limiter.rpm_limit, limiter.tpm_limit
     controller = Controller()
     plan = plan_jobs(prep.index.entries, prep.prompts, cfg.model.captions_per_image, prep.resume.done)

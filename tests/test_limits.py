@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+
+import anyio
 import time
 
 import pytest
@@ -322,3 +324,34 @@ async def test_reservation_taken_before_learning_is_not_corrected():
     await asyncio.sleep(0.2)
     assert not waiter.done()
     waiter.cancel()
+
+
+@pytest.mark.anyio
+async def test_probe_holds_the_pool_until_the_first_answer_teaches_the_limit():
+    limiter = RateLimiter(None, None, probe=True)
+    first = await limiter.acquire(100)
+    started: list[int] = []
+
+    async def other(i: int) -> None:
+        r = await limiter.acquire(100)
+        started.append(i)
+        limiter.correct(r, 100)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(5):
+            tg.start_soon(other, i)
+        await anyio.sleep(0.05)
+        assert started == []  # nobody goes before the probe's answer
+        limiter.observe_headers({"x-ratelimit-limit-requests": "6000", "x-ratelimit-remaining-requests": "5999",
+                                 "x-ratelimit-reset-requests": "10ms"})
+        limiter.correct(first, 100)
+    assert sorted(started) == list(range(5))
+    assert limiter.rpm_limit == pytest.approx(6000 * 0.97)
+
+
+@pytest.mark.anyio
+async def test_probe_is_skipped_when_limits_are_configured():
+    limiter = RateLimiter(600000, 100_000_000, probe=True)
+    a = await limiter.acquire(10)
+    b = await limiter.acquire(10)  # does not wait for a's answer
+    limiter.correct(a, 10), limiter.correct(b, 10)

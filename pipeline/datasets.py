@@ -4,7 +4,7 @@ Everything here is a plain function over names and folders so the rules can be t
 real dataset. The index builder (`pipeline.index`) is the only caller that touches the disk through
 `scan_dataset`; the list-index loader only uses the name parsers.
 
-Layouts handled (see /work/shared/reference.md for the facts):
+Layouts handled (as the datasets' readmes and the torchreid/fast-reid loaders describe them):
 
 * Market-1501: `bounding_box_train` -> "train", `query` -> "query", `bounding_box_test` -> "gallery",
   `gt_bbox` -> "gt_bbox" (only when asked for). pid -1 (junk) and 0000 (distractor) are kept and marked

@@ -6,7 +6,7 @@ A prompt is a file; its name is the file stem, and that name is what captions_al
 * `NAME.txt` — plain instruction text. It may hold one or more literal `{template}` slots; then the
   sibling `NAME.templates.txt` lists sentence shapes (one per line, `#` comments), and each caption of
   each image gets one of them. Varied sentence shapes beat one static instruction for text-to-image ReID
-  training (Tan et al., CVPR 2024, see /work/shared/reference.md).
+  training (Tan et al., CVPR 2024).
 * `NAME.json` — a structured (attribute) prompt: `{"instruction", "name", "schema"}`; see
   `pipeline.attributes` for the schema rules. `Prompt.text` is the instruction, `Prompt.schema` the schema.
 

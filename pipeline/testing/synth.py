@@ -32,7 +32,7 @@ PALETTE: dict[str, Colour] = {
     "pink": (240, 150, 180),
 }
 
-# Market-1501 attribute colour sets (reference.md): upper has no pink/brown, lower has no red.
+# Market-1501 attribute colour sets: upper has no pink/brown, lower has no red.
 UPPER_COLOURS: tuple[str, ...] = ("black", "white", "red", "purple", "yellow", "gray", "blue", "green")
 LOWER_COLOURS: tuple[str, ...] = ("black", "white", "pink", "purple", "yellow", "gray", "blue", "green", "brown")
 

@@ -19,22 +19,23 @@ from pipeline.errors import InputError, ReidPromptError
 EXIT_INTERRUPTED = 130
 
 
-def _positive_int(text: str) -> int:
+def _number(text: str, cast: type, what: str) -> float:
     try:
-        value = int(text)
+        return cast(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    value = int(_number(text, int, "a whole number"))
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
 def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value < 0:
+    value = _number(text, float, "a number")
+    if value < 0 or value != value:
         raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
     return value
 

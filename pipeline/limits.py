@@ -32,7 +32,7 @@ from typing import Mapping
 
 from aiolimiter import AsyncLimiter
 
-from pipeline.retry import parse_duration
+from pipeline.retry import header_int, parse_duration
 
 __all__ = ["RateLimiter", "Reservation", "HeaderSnapshot"]
 
@@ -154,16 +154,6 @@ class HeaderSnapshot:
     remaining_tokens: int | None = None
     reset_requests_s: float | None = None
     reset_tokens_s: float | None = None
-
-
-def _int_header(h: Mapping[str, str], name: str) -> int | None:
-    raw = h.get(name)
-    if raw is None:
-        return None
-    try:
-        return int(float(str(raw).strip()))
-    except (ValueError, OverflowError):
-        return None
 
 
 def _check_limit(name: str, value: float | None) -> float | None:
@@ -334,10 +324,10 @@ class RateLimiter:
             self._end_probe()
             return  # vLLM, Ollama, LM Studio: nothing to learn
 
-        lim_r = _int_header(h, "x-ratelimit-limit-requests")
-        lim_t = _int_header(h, "x-ratelimit-limit-tokens")
-        rem_r = _int_header(h, "x-ratelimit-remaining-requests")
-        rem_t = _int_header(h, "x-ratelimit-remaining-tokens")
+        lim_r = header_int(h, "x-ratelimit-limit-requests")
+        lim_t = header_int(h, "x-ratelimit-limit-tokens")
+        rem_r = header_int(h, "x-ratelimit-remaining-requests")
+        rem_t = header_int(h, "x-ratelimit-remaining-tokens")
         rst_r = parse_duration(h.get("x-ratelimit-reset-requests") or "")
         rst_t = parse_duration(h.get("x-ratelimit-reset-tokens") or "")
         if lim_r is not None and lim_r <= 0:

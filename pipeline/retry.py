@@ -204,7 +204,8 @@ def parse_duration(text: str) -> float | None:
     return total
 
 
-def _header_int(h: Mapping[str, str], name: str) -> int | None:
+def header_int(h: Mapping[str, str], name: str) -> int | None:
+    """An integer header value (\"1000\", \"999.0\"); None when absent or not a number."""
     raw = h.get(name)
     if raw is None:
         return None
@@ -234,7 +235,7 @@ def rate_limit_wait(headers: Mapping[str, str]) -> float | None:
         if reset is None or reset <= 0:
             continue
         resets[dim] = reset
-        remaining = _header_int(h, f"x-ratelimit-remaining-{dim}")
+        remaining = header_int(h, f"x-ratelimit-remaining-{dim}")
         if remaining is not None and remaining <= 0:
             exhausted.append(dim)
     if not resets:
@@ -252,7 +253,7 @@ def exceeds_token_limit(headers: Mapping[str, str], reserve_tokens: int) -> bool
     way to tell them apart is to compare the request's reservation (input + max_tokens·n) to
     x-ratelimit-limit-tokens. A missing, 0 or -1 limit (Azure) never counts as exceeded.
     """
-    limit = _header_int(_lower(headers), "x-ratelimit-limit-tokens")
+    limit = header_int(_lower(headers), "x-ratelimit-limit-tokens")
     return limit is not None and limit > 0 and reserve_tokens > limit
 
 

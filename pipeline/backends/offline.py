@@ -51,7 +51,8 @@ def dominant_colour(img: Image.Image, rows: tuple[float, float], cols: tuple[flo
     w, h = img.size
     box = (int(cols[0] * w), int(rows[0] * h), max(int(cols[0] * w) + 1, int(cols[1] * w)),
            max(int(rows[0] * h) + 1, int(rows[1] * h)))
-    pixels = list(img.crop(box).resize((16, 16)).getdata())
+    raw = img.crop(box).resize((16, 16)).tobytes()  # RGB bytes: portable across Pillow versions
+    pixels = list(zip(raw[0::3], raw[1::3], raw[2::3]))
     bg = _background_rgb(img)
     person = [p for p in pixels if _dist2(p, bg) > BACKGROUND_DIST2] or pixels
     return Counter(nearest_colour(p) for p in person).most_common(1)[0][0]

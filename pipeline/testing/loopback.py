@@ -72,6 +72,9 @@ __all__ = [
     "APOLOGY_TEXT",
 ]
 
+# Marks a request whose answer is being delayed (a client giving up then is counted as "cancelled").
+_PENDING = web.RequestKey("lb_pending", bool) if hasattr(web, "RequestKey") else "lb_pending"
+
 DEFAULT_API_KEY = "sk-loopback-test"
 DEFAULT_MODELS: tuple[str, ...] = (
     "gpt-4o-mini",
@@ -889,7 +892,7 @@ class LoopbackServer:
             return await self._chat(request, now)
         except asyncio.CancelledError:
             # The client gave up (or the server stops) while the answer was being delayed.
-            if request.get("_lb_pending"):
+            if request.get(_PENDING, False):
                 self._count("cancelled")
             raise
         finally:
@@ -1093,9 +1096,9 @@ class LoopbackServer:
             return web.Response(status=504)
         delay = cfg.slow_s if fault == "slow" else cfg.latency
         if delay > 0:
-            request["_lb_pending"] = True
+            request[_PENDING] = True
             await asyncio.sleep(delay)
-            request["_lb_pending"] = False
+            request[_PENDING] = False
         if fault == "drop":
             self._count("drop")
             self._abort(request)

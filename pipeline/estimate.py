@@ -264,7 +264,7 @@ def build_estimate(
     Read-only. The work left is the runner's own plan (`plan_jobs`), so the estimate asks for exactly
     the requests a run would send: one per (image, prompt) with the missing caption slots as `n`.
     """
-    from pipeline.runner import count_work, plan_jobs
+    from pipeline.dispatch import count_work, plan_jobs
 
     out_dir = Path(out_dir)
     done = read_done(out_dir).keys if out_dir.is_dir() else set()

@@ -15,26 +15,24 @@ Stopping:
 - `--max-cost`: no new request once spent + in flight + this one would pass the budget; in flight finish.
 - A fatal API answer (401, 403, unknown model, no quota): the workers are cancelled at once.
 The writer is outside the scope those cancel: it drains what the workers sent, flushes and ends.
+
+Neighbours: `dispatch.py` (jobs, the plan, the dispatcher), `control.py` (stopping: signals, grace,
+budget, fatal errors), `writer.py` (the output files), `manifest.py` (manifest.json).
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import os
 import random
-import signal
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from rich.console import Console
 
-from pipeline import __version__
 from pipeline.attributes import AttributeValidationError, field_names, response_format, validate_answer
 from pipeline.backends.base import APIFailure, Backend, ErrorKind, ModelReply, ModelRequest
 from pipeline.config import RunConfig
@@ -42,190 +40,20 @@ from pipeline.errors import ConfigError, FatalAPIError, ImageError
 from pipeline.images import payload_from_bytes, read_bytes
 from pipeline.index import LoadedIndex, load_index
 from pipeline.limits import RateLimiter
-from pipeline.manifest import base_manifest, now_iso, read_manifest, write_manifest
+from pipeline.manifest import now_iso
 from pipeline.pricing import ModelPrice, cost_usd, load_pricing, resolve_price
-from pipeline.prompts import has_templates, load_prompts, render_prompt
+from pipeline.prompts import load_prompts, render_prompt
 from pipeline.records import AttributeRow, CaptionRow, ErrorRow, IndexEntry, Prompt, Usage
 from pipeline.retry import RetryPolicy, decide
 from pipeline.stats import RunStats, Snapshot
 from pipeline.tokens import estimate_request
+from pipeline.control import Controller, signal_handlers, stop_helpers_when
+from pipeline.dispatch import Dispatcher, Job, count_work, plan_jobs
+from pipeline.manifest import ManifestKeeper
 from pipeline.writer import OutputWriter, ResumeState, Result, writer_task
 
 JOB_BUFFER = 0  # the dispatcher hands a job over only when a worker is free: retries stay fresh
 INLINE_DECODE_BYTES = 512 * 1024  # smaller images are checked on the loop (cheaper than a thread hop)
-
-
-# --- work items ---------------------------------------------------------------------------------------
-
-@dataclass
-class Job:
-    """One request's worth of work: one image, one prompt, the caption slots still wanted."""
-
-    entry: IndexEntry
-    prompt: Prompt
-    indices: tuple[int, ...]
-    attempts: int = 0
-
-
-def captions_wanted(prompt: Prompt, captions_per_image: int) -> int:
-    """Structured (schema) prompts give one answer per image; text prompts give N captions."""
-    return 1 if prompt.schema is not None else captions_per_image
-
-
-def plan_jobs(entries: list[IndexEntry], prompts: list[Prompt], n: int, done: set) -> Iterator[Job]:
-    """Lazily yield the work still to do, in index order, skipping every (id, prompt, slot) already done.
-
-    Slots of one image share one request (`n`), except under a templated prompt: there every caption
-    gets its own sentence template, so its own request, and the captions do not share one shape.
-    """
-    for entry in entries:
-        for prompt in prompts:
-            wanted = captions_wanted(prompt, n)
-            missing = tuple(i for i in range(wanted) if (entry.image_id, prompt.name, i) not in done)
-            if not missing:
-                continue
-            if has_templates(prompt):
-                for i in missing:
-                    yield Job(entry, prompt, (i,))
-            else:
-                yield Job(entry, prompt, missing)
-
-
-def count_work(entries: list[IndexEntry], prompts: list[Prompt], n: int, done: set) -> tuple[int, int]:
-    """(total work items in the index, how many of them are already done)."""
-    per_image = sum(captions_wanted(p, n) for p in prompts)
-    total = len(entries) * per_image
-    ids = {e.image_id for e in entries}
-    names = {p.name: captions_wanted(p, n) for p in prompts}
-    skipped = sum(1 for (iid, pname, idx) in done if iid in ids and pname in names and idx < names[pname])
-    return total, skipped
-
-
-# --- stop control --------------------------------------------------------------------------------------
-
-class Controller:
-    """Stop requests as state the tasks read, so no task needs to know who asked to stop."""
-
-    def __init__(self) -> None:
-        self.stopping = False
-        self.stop_reason: str | None = None
-        self.fatal: FatalAPIError | None = None
-        self.interrupts = 0
-        self.work_scope = anyio.CancelScope()
-        self.interrupted = anyio.Event()
-        self._waiting: set[anyio.CancelScope] = set()
-        self.on_stop: list[Callable[[], None]] = []
-
-    @contextmanager
-    def before_send(self) -> Iterator[anyio.CancelScope]:
-        """Scope around waiting for the limiter: a stop cancels it, since nothing has been sent yet."""
-        scope = anyio.CancelScope()
-        if self.stopping:
-            scope.cancel()
-        self._waiting.add(scope)
-        try:
-            with scope:
-                yield scope
-        finally:
-            self._waiting.discard(scope)
-
-    def request_stop(self, reason: str) -> None:
-        if self.stopping:
-            return
-        self.stopping = True
-        self.stop_reason = reason
-        for scope in list(self._waiting):
-            scope.cancel()
-        for cb in self.on_stop:
-            cb()
-
-    def interrupt(self) -> None:
-        """Ctrl-C / SIGTERM: first stops gently, second at once."""
-        self.interrupts += 1
-        if self.interrupts == 1:
-            self.request_stop("interrupted")
-            self.interrupted.set()
-        else:
-            self.stop_reason = "interrupted (immediately)"
-            self.work_scope.cancel()
-
-    def fail(self, error: FatalAPIError) -> None:
-        if self.fatal is None:
-            self.fatal = error
-        self.request_stop(f"fatal: {error}")
-        self.work_scope.cancel()
-
-
-class Dispatcher:
-    """The producer. Streams new jobs from the plan and re-sends retries when their backoff is over.
-
-    Due retries go ahead of new work, so retries do not trickle after the first pass. The job stream
-    closes once the plan is exhausted and no job is outstanding (sent and neither finished nor waiting
-    for a retry), or when the run is stopping.
-    """
-
-    def __init__(self, plan: Iterator[Job], controller: Controller) -> None:
-        self._plan = plan
-        self._controller = controller
-        self._heap: list[tuple[float, int, Job]] = []
-        self._seq = itertools.count()
-        self.outstanding = 0
-        self.abandoned = 0
-        self._wake = anyio.Event()
-        controller.on_stop.append(self.wake)
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def adopt(self, job: Job) -> Job:
-        """Count a job born from another (some of its caption slots) as outstanding."""
-        self.outstanding += 1
-        return job
-
-    def add(self, job: Job) -> None:
-        """A new job born from another (slots the server did not fill); due at once."""
-        self.reschedule(self.adopt(job), 0.0)
-
-    def reschedule(self, job: Job, wait_s: float) -> None:
-        heapq.heappush(self._heap, (anyio.current_time() + wait_s, next(self._seq), job))
-        self.wake()
-
-    def finished(self, job: Job) -> None:
-        self.outstanding -= 1
-        self.wake()
-
-    def abandon(self, job: Job) -> None:
-        """Left for a later run (stop or budget): not done, not an error."""
-        self.abandoned += 1
-        self.finished(job)
-
-    async def run(self, jobs: ObjectSendStream[Job]) -> None:
-        exhausted = False
-        async with jobs:
-            while not self._controller.stopping:
-                now = anyio.current_time()
-                if self._heap and self._heap[0][0] <= now:
-                    await jobs.send(heapq.heappop(self._heap)[2])
-                    continue
-                if not exhausted:
-                    job = next(self._plan, None)
-                    if job is None:
-                        exhausted = True
-                        continue
-                    self.outstanding += 1
-                    await jobs.send(job)
-                    continue
-                if self.outstanding <= 0 and not self._heap:
-                    return
-                wake = self._wake = anyio.Event()
-                delay = self._heap[0][0] - now if self._heap else None
-                if delay is None:
-                    await wake.wait()
-                else:
-                    with anyio.move_on_after(delay):
-                        await wake.wait()
-            self.abandoned += len(self._heap)
-            self._heap.clear()
 
 
 # --- the workers -----------------------------------------------------------------------------------------
@@ -572,127 +400,6 @@ def make_backend(cfg: RunConfig, api_key: str | None) -> Backend:
     )
 
 
-class ManifestKeeper:
-    """Builds manifest.json from the config and the counters; only the writer task calls `save`."""
-
-    def __init__(self, prep: Prepared, stats: RunStats) -> None:
-        cfg = prep.cfg
-        self.prep = prep
-        self.stats = stats
-        previous = read_manifest(cfg.out)
-        self.data = base_manifest(previous)
-        self.data.update({
-            "index": str(Path(cfg.index).resolve()),
-            "root": str(prep.index.root),
-            "index_images": len(prep.index.entries),
-            "work_items_total": prep.total,
-            "out": str(Path(cfg.out).resolve()),
-            "prompts": [
-                {"name": p.name, "path": str(p.path) if p.path else None, "sha256": _sha(p)} for p in prep.prompts
-            ],
-            "backend": cfg.model.backend,
-            "model": cfg.model.model,
-            "base_url": cfg.model.base_url,
-            "detail": cfg.model.detail,
-            "max_tokens": cfg.model.max_tokens,
-            "temperature": cfg.model.temperature,
-            "captions_per_image": cfg.model.captions_per_image,
-            "batch_size": cfg.batch_size,
-            "concurrency": cfg.limits.concurrency,
-            "rpm": cfg.limits.rpm,
-            "tpm": cfg.limits.tpm,
-            "max_cost": cfg.limits.max_cost,
-            "max_attempts": cfg.limits.max_attempts,
-            "price": {"model": prep.price.model, "input": prep.price.input, "output": prep.price.output,
-                      "cached_input": prep.price.cached_input},
-            "cost_usd_before": round(prep.resume.cost_usd, 8),
-            "stop_reason": None,
-            "repaired": prep.resume.repaired,
-        })
-
-    def save(self, state: str | None = None) -> None:
-        s = self.stats
-        d = self.data
-        d["updated_at"] = now_iso()
-        if state is not None:
-            d["state"] = state
-            d["ended_at"] = now_iso() if state != "running" else None
-        d["counts"] = {
-            "captioned_this_run": s.done,
-            "skipped_done": s.skipped,
-            "failed_this_run": s.failed_total,
-            "failed_by_reason": dict(s.failed_by_reason),
-            "requests": s.requests,
-            "retries": s.retries,
-            "rate_limited": s.rate_limited,
-        }
-        d["tokens"] = {"input": s.tokens_in, "output": s.tokens_out}
-        d["cost_usd_this_run"] = round(s.cost_usd, 8)
-        d["cost_usd_total"] = round(self.prep.resume.cost_usd + s.cost_usd, 8)
-        d["stop_reason"] = s.stop_reason
-        d["learned_limits"] = {"rpm": s.rpm_limit, "tpm": s.tpm_limit}
-        write_manifest(self.prep.cfg.out, d)
-
-    def finish(self, state: str) -> None:
-        self.data["runs"] = self.data.get("runs", []) + [{
-            "started_at": self.data["started_at"],
-            "ended_at": now_iso(),
-            "state": state,
-            "captioned": self.stats.done,
-            "failed": self.stats.failed_total,
-            "cost_usd": round(self.stats.cost_usd, 8),
-        }]
-        self.save(state)
-
-
-def _sha(p: Prompt) -> str:
-    import hashlib
-
-    return hashlib.sha256(p.text.encode("utf-8")).hexdigest()[:16]
-
-
-@contextmanager
-def signal_handlers(controller: Controller) -> Iterator[None]:
-    """Route Ctrl-C (and SIGTERM/SIGBREAK where the platform has them) to the controller.
-
-    The handler only schedules `controller.interrupt` on the event loop: no exit, no I/O in the handler.
-    Works the same on Windows (SIGINT, SIGBREAK) and POSIX (SIGINT, SIGTERM).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    import asyncio
-
-    loop = asyncio.get_running_loop()
-
-    def handler(signum, frame) -> None:  # noqa: ARG001
-        loop.call_soon_threadsafe(controller.interrupt)
-
-    names = ["SIGINT", "SIGTERM", "SIGBREAK"]
-    installed = {}
-    for name in names:
-        sig = getattr(signal, name, None)
-        if sig is None:
-            continue
-        try:
-            installed[sig] = signal.signal(sig, handler)
-        except (ValueError, OSError):
-            pass
-    try:
-        yield
-    finally:
-        for sig, old in installed.items():
-            signal.signal(sig, old)
-
-
-async def _grace_watchdog(controller: Controller, grace_s: float, work_done: anyio.Event) -> None:
-    """After the first Ctrl-C, give answers in flight `grace_s` to arrive, then cancel the workers."""
-    await controller.interrupted.wait()
-    with anyio.move_on_after(grace_s):
-        await work_done.wait()
-    controller.work_scope.cancel()
-
-
 async def _view_loop(view, finished: anyio.Event, period: float) -> None:
     view.start()
     try:
@@ -768,7 +475,7 @@ async def run_prepared(
                 tg.start_soon(writer_then_finish, results_recv)
                 await tg.start(work, results_send)
                 tg.start_soon(_view_loop, view, finished, 0.25)
-                tg.start_soon(_cancel_when, finished, tg.cancel_scope, controller, cfg.limits.grace_seconds,
+                tg.start_soon(stop_helpers_when, finished, tg.cancel_scope, controller, cfg.limits.grace_seconds,
                               work_done)
     finally:
         with anyio.CancelScope(shield=True):
@@ -784,15 +491,6 @@ async def run_prepared(
     stats.stop_reason = controller.stop_reason
     keeper.finish(state)
     return RunResult(state, stats.snapshot(), cfg.out, controller.fatal, prep.resume.repaired, dispatcher.abandoned)
-
-
-async def _cancel_when(finished: anyio.Event, scope: anyio.CancelScope, controller: Controller,
-                       grace_s: float, work_done: anyio.Event) -> None:
-    """Run the grace watchdog until the writer has finished, then end the helper tasks."""
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(_grace_watchdog, controller, grace_s, work_done)
-        await finished.wait()
-        tg.cancel_scope.cancel()
 
 
 @contextmanager

@@ -12,8 +12,6 @@ crash falls between the two writes, `open` on the next start rebuilds the part f
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field

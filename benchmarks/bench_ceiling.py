@@ -9,7 +9,8 @@ Clients, at each concurrency (default 64 and 256):
   bare-httpx         `AsyncOpenAI(max_retries=0)` + `chat.completions.create`, SDK default transport
   bare-aiohttp       the same with `http_client=openai.DefaultAioHttpClient()`
 
-Rate = (requests - 1) / (last - first arrival at the server). CPU ms per request is the client process's
+Rate = (requests - 1) / (last - first arrival at the server), best of --repeat runs (default 3,
+interleaved; the median is printed too). CPU ms per request is the client process's
 user + sys time (os.wait4 rusage of that child) divided by requests, whole process including start-up,
 and "marginal": minus the CPU of the same client sending one image (start-up, imports, set-up), so it is
 the cost per request alone. The server runs on the same 2 cores, so its CPU per request is printed too:
@@ -19,6 +20,7 @@ a server that answered one request.)
 
 from __future__ import annotations
 
+import statistics
 import sys
 from pathlib import Path
 
@@ -50,8 +52,12 @@ def main(argv=None) -> int:
     p.add_argument("--concurrencies", default=None, help="comma-separated (default 64,256; --concurrency C "
                    "alone measures only C)")
     p.add_argument("--clients", default=",".join(CLIENTS), help=f"comma-separated subset of {', '.join(CLIENTS)}")
-    p.add_argument("--repeat", type=int, default=1, help="measure each client this many times (interleaved), keep the best (default 1)")
+    p.add_argument("--repeat", type=int, default=None, help="measure each client this many times (interleaved) and "
+                   "keep the best: zero-latency runs last seconds and a shared machine is noisy (default 3; "
+                   "--quick 1)")
     a = p.parse_args(argv)
+    if a.repeat is None:
+        a.repeat = 1 if a.quick else 3
     if a.concurrencies:
         concs = [int(c) for c in a.concurrencies.split(",") if c.strip()]
     elif any(x == "--concurrency" or x.startswith("--concurrency=") for x in (argv or sys.argv[1:])):
@@ -77,6 +83,7 @@ def main(argv=None) -> int:
                 server_startup.append(r["server_cpu"])
         srv0 = min(server_startup) if server_startup else None
         best: dict[tuple[str, int], dict] = {}
+        rates: dict[tuple[str, int], list[float]] = {}
         for rep in range(max(1, a.repeat)):  # repetitions interleaved, so a busy moment hits every client
             for conc in concs:
                 for client in clients:
@@ -84,6 +91,7 @@ def main(argv=None) -> int:
                     if a.repeat > 1:
                         common.detail(f"(run {rep + 1}: c={conc} {client} {r['rate']:.0f} img/s)")
                     key = (client, conc)
+                    rates.setdefault(key, []).append(r["rate"])
                     if key not in best or (r["done"], r["rate"]) > (best[key]["done"], best[key]["rate"]):
                         best[key] = r
         for conc in concs:
@@ -103,6 +111,8 @@ def main(argv=None) -> int:
                        if cpu_ms is not None and marg is not None and st0 is not None else "cpu=n/a  ")
                     + (f"server cpu={srv_ms:.2f} ms/req (marginal)  " if srv_ms is not None else "")
                     + f"wall={r['wall']:.2f}s"
+                    + (f"  (median of {len(rates[(client, conc)])}: {statistics.median(rates[(client, conc)]):.0f})"
+                       if len(rates[(client, conc)]) > 1 else "")
                 )
     complete = [r for r in results if r["done"] == n]
     if not complete:

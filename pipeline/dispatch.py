@@ -29,7 +29,8 @@ class Job:
     entry: IndexEntry
     prompt: Prompt
     indices: tuple[int, ...]
-    attempts: int = 0
+    attempts: int = 0  # requests sent for this job
+    soft_failures: int = 0  # answers that were no caption (refused, empty, invalid): one more try each job
 
 
 def captions_wanted(prompt: Prompt, captions_per_image: int) -> int:

@@ -96,6 +96,9 @@ def decide(
     - RATE_LIMIT -> retry with `pause_pool`: wait what the server asked for (retry-after-ms, retry-after,
       else the reset header of the exhausted limit), else backoff.
     - SERVER, TIMEOUT, CONNECTION, OTHER -> retry after retry-after if the server sent one, else backoff.
+      The first retry after a TIMEOUT or a dropped CONNECTION goes at once: a timed-out request has
+      already waited the whole --timeout (more than any first backoff), and a dropped keep-alive
+      connection is usually a stale one, not an overloaded server. Later attempts back off as usual.
     Transient kinds give up once `attempt >= max_attempts`.
     """
     n = max(1, attempt)
@@ -120,6 +123,8 @@ def decide(
     hinted = parse_retry_after(headers)
     if hinted is not None and hinted > 0:
         wait = min(hinted, policy.retry_after_cap_s)
+    elif n == 1 and kind in (ErrorKind.TIMEOUT, ErrorKind.CONNECTION):
+        wait = 0.0
     else:
         wait = backoff_s(n, policy, rand)
     return Decision("retry", wait_s=wait, reason=reason)

@@ -128,7 +128,7 @@ async def process(ctx: Context, job: Job) -> list[Result]:
 
     if not ctx.n_supported and len(job.indices) > 1:
         for i in job.indices[1:]:
-            disp.add(Job(job.entry, job.prompt, (i,), job.attempts))
+            disp.add(Job(job.entry, job.prompt, (i,), job.attempts, job.soft_failures))
         job.indices = job.indices[:1]
 
     prompt_text = render_prompt(job.prompt, job.entry.image_id, job.indices[0])
@@ -207,12 +207,20 @@ def _account(ctx: Context, usage: Usage) -> float:
     return cost
 
 
+SOFT_KINDS = frozenset({ErrorKind.REFUSED, ErrorKind.EMPTY, ErrorKind.INVALID})
+
+
 def handle_failure(ctx: Context, job: Job, kind: ErrorKind, message: str, headers) -> list[Result]:
     """Apply the retry policy to `job` after a failed attempt: retry later, record it, or stop the run."""
     stats, disp = ctx.stats, ctx.dispatcher
     if kind is ErrorKind.RATE_LIMIT:
         stats.got_429()
-    decision = decide(kind, job.attempts, headers, ctx.policy, ctx.rng.random())
+    # "One more try" for an answer that is no caption counts such answers, not the 5xx or drops before.
+    soft = kind in SOFT_KINDS
+    if soft:
+        job.soft_failures += 1
+    attempt = job.soft_failures if soft and job.attempts < ctx.policy.max_attempts else job.attempts
+    decision = decide(kind, attempt, headers, ctx.policy, ctx.rng.random())
     if decision.pause_pool and decision.wait_s > 0:
         ctx.limiter.pause(decision.wait_s)
         stats.paused_until = ctx.limiter.paused_until
@@ -289,7 +297,7 @@ def handle_reply(ctx: Context, job: Job, prompt_text: str, reply: ModelReply) ->
     out: list[Result] = list(rows)
     if failed:
         kind, why = (bad[0][1], bad[0][2]) if bad else reply.rejected[0]
-        rest = disp.adopt(Job(job.entry, job.prompt, failed, job.attempts))
+        rest = disp.adopt(Job(job.entry, job.prompt, failed, job.attempts, job.soft_failures))
         out += handle_failure(ctx, rest, kind, why, reply.headers)
     disp.finished(job)
     return out

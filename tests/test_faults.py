@@ -175,3 +175,15 @@ def test_several_captions_per_image_with_and_without_n(cli, server, api_env, mar
     sent = server.stats.requests
     assert run(cli, server, index, out, prompt_file, "--captions-per-image", 3).code == 0
     assert server.stats.requests == sent
+
+
+def test_a_refusal_after_a_server_error_still_gets_its_one_more_try(cli, server, api_env, market, prompt_file,
+                                                                     tmp_path):
+    index = prepare_index(cli, market, tmp_path / "index.json")
+    server.configure(fail_first_attempts=1, p_refusal=1.0)  # 500, then refusals
+    out = tmp_path / "out"
+    assert run(cli, server, index, out, prompt_file).code == 0
+    caps, errs, n = outcome(index, out)
+    assert caps == {} and {r["reason"] for r in errs.values()} == {"refused"}
+    assert {r["attempts"] for r in errs.values()} == {"3"}  # 500, refusal, one more try
+    assert server.stats.requests == 3 * n

@@ -53,7 +53,12 @@ CASES = [
     (K.RATE_LIMIT, 6, NO_HEADERS, 0.5, Decision("give_up", reason="rate_limited")),
     # transient: backoff, or retry-after when sent; never a pool pause
     *[(k, 1, NO_HEADERS, 0.0, Decision("retry", wait_s=0.25, reason=k.value))
-      for k in (K.SERVER, K.TIMEOUT, K.CONNECTION, K.OTHER)],
+      for k in (K.SERVER, K.OTHER)],
+    # a timed-out request already waited --timeout; a dropped keep-alive connection is usually stale
+    *[(k, 1, NO_HEADERS, 0.7, Decision("retry", wait_s=0.0, reason=k.value))
+      for k in (K.TIMEOUT, K.CONNECTION)],
+    *[(k, 2, NO_HEADERS, 0.0, Decision("retry", wait_s=0.5, reason=k.value))
+      for k in (K.TIMEOUT, K.CONNECTION)],
     *[(k, 1, RA, 0.0, Decision("retry", wait_s=3.0, reason=k.value))
       for k in (K.SERVER, K.TIMEOUT, K.CONNECTION, K.OTHER)],
     *[(k, 5, NO_HEADERS, 1.0, Decision("retry", wait_s=8.0, reason=k.value))

@@ -301,3 +301,37 @@ def test_sigint_stops_gently_and_rerun_finishes(cli, server, api_env, market, pr
               "--base-url", server.base_url)
     assert res.code == 0, res.err
     assert len(check_captions_belong(index, out)) == n
+
+
+@pytest.mark.parametrize("how", ["sigterm", "double_sigint"])
+def test_sigterm_is_gentle_and_a_second_ctrl_c_is_immediate(cli, server, api_env, prompt_file, tmp_path, how):
+    if sys.platform == "win32":
+        pytest.skip("POSIX signals to a child process")
+    root = make_big_market(tmp_path / "big", n_ids=30, per_id=3)
+    index = prepare_index(cli, root, tmp_path / "index.json")
+    server.configure(latency=0.5 if how == "sigterm" else 5.0)
+    out = tmp_path / "out"
+    proc = spawn("run", "--index", index, "--out", out, "--prompt-file", prompt_file, "--no-dashboard",
+                 "--concurrency", 8, "--grace", 30, base_url=server.base_url)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and server.stats.in_flight < 8:
+        time.sleep(0.02)
+    t0 = time.monotonic()
+    answered_before = server.stats.outcomes.get("ok", 0)  # the probe request that taught the limits
+    if how == "sigterm":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=30)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert "stopped: Ctrl-C" in stdout
+    written = len(read_table(out / "captions_all.csv").rows) if (out / "captions_all.csv").exists() else 0
+    if how == "sigterm":
+        assert written == server.stats.outcomes.get("ok", 0) >= 8  # the 8 in flight arrived and were written
+    else:
+        assert elapsed < 4.0  # did not wait for the 5-s answers in flight, nor the 30-s grace
+        assert written == answered_before  # the 5-s answers in flight were cut off, not awaited
+    assert json.loads((out / "manifest.json").read_text(encoding="utf-8"))["state"] == "interrupted"

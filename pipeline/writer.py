@@ -150,28 +150,28 @@ class OutputWriter:
         return notes
 
     # --- appends ----------------------------------------------------------------------------------
-    async def _handle(self, name: str, columns: list[str]) -> Any:
-        fh = self._files.get(name)
-        if fh is None:
-            path = self.out_dir / name
-            new = not path.exists() or path.stat().st_size == 0
-            fh = await aiofiles.open(path, "a", encoding="utf-8", newline="")
-            if new:
-                await fh.write("\ufeff" + _header_text(columns))
-            self._files[name] = fh
-        return fh
-
-    async def _part_handle(self, name: str) -> Any:
-        fh = self._parts.get(name)
-        if fh is not None:
-            self._parts.move_to_end(name)
-            return fh
+    async def _open_append(self, name: str, columns: list[str]) -> Any:
+        """Open a CSV for appending; a new (or empty) file first gets the BOM and the header."""
         path = self.out_dir / name
         new = not path.exists() or path.stat().st_size == 0
         fh = await aiofiles.open(path, "a", encoding="utf-8", newline="")
         if new:
-            await fh.write("\ufeff" + _header_text(CAPTION_COLUMNS))
-        self._parts[name] = fh
+            await fh.write("\ufeff" + _header_text(columns))
+        return fh
+
+    async def _handle(self, name: str, columns: list[str]) -> Any:
+        fh = self._files.get(name)
+        if fh is None:
+            fh = self._files[name] = await self._open_append(name, columns)
+        return fh
+
+    async def _part_handle(self, name: str) -> Any:
+        """Part files are many: keep the most recently used open, close the oldest beyond MAX_OPEN_PARTS."""
+        fh = self._parts.get(name)
+        if fh is not None:
+            self._parts.move_to_end(name)
+            return fh
+        fh = self._parts[name] = await self._open_append(name, CAPTION_COLUMNS)
         if len(self._parts) > MAX_OPEN_PARTS:
             _, old = self._parts.popitem(last=False)
             await old.close()

@@ -111,6 +111,18 @@ def rows(path: Path) -> list[dict[str, str]]:
     return read_table(path).rows
 
 
+def wait_for_rows(path: Path, n: int, timeout: float = 30.0) -> int:
+    """Wait until a CSV being written by another process holds at least `n` whole rows."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and len(read_table(path).rows) >= n:
+            break
+        time.sleep(0.02)
+    return len(read_table(path).rows) if path.exists() else 0
+
+
 def prepare_index(cli, root: Path, out: Path, *extra: object) -> Path:
     res = cli("prepare", "--root", root, "--out", out, *extra)
     assert res.code == 0, res.err

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import time
 from pathlib import Path
 
 import anyio
 import pytest
 from rich.console import Console
 
-from conftest import KEY, make_big_market, prepare_index, rows, spawn
+from conftest import KEY, make_big_market, prepare_index, rows, spawn, wait_for_rows
 from pipeline.cli import build_parser, config_from_args
 from pipeline.estimate import estimate_for_run
 from pipeline.outputs import read_table
@@ -132,9 +131,7 @@ def test_status_of_a_crashed_and_of_a_running_folder(cli, server, big_index, pro
     proc = spawn("run", "--index", big_index, "--out", out, "--prompt-file", prompt_file, "--no-dashboard",
                  "--concurrency", 4, base_url=server.base_url)
     all_csv = out / "captions_all.csv"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not (all_csv.exists() and len(read_table(all_csv).rows) >= 8):
-        time.sleep(0.02)
+    wait_for_rows(all_csv, 8)
     running = json.loads(cli("status", "--out", out, "--json").out)  # while the run goes on
     assert running["state"] == "running" and 8 <= running["captioned"] < 140
     proc.send_signal(signal.SIGKILL)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KEY, make_big_market, prepare_index, rows, spawn
+from conftest import KEY, make_big_market, prepare_index, rows, spawn, wait_for_rows
 from pipeline.outputs import CAPTION_COLUMNS, ERROR_COLUMNS, read_table
 from pipeline.testing import synth
 from pipeline.testing.loopback import expected_caption
@@ -251,11 +251,7 @@ def test_kill9_then_resume_loses_nothing_and_doubles_nothing(cli, server, api_en
     proc = spawn("run", "--index", index, "--out", out, "--prompt-file", prompt_file, "--no-dashboard",
                  "--concurrency", 6, "--batch-size", 16, base_url=server.base_url)
     all_csv = out / "captions_all.csv"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if all_csv.exists() and len(read_table(all_csv).rows) >= 40:
-            break
-        time.sleep(0.02)
+    wait_for_rows(all_csv, 40)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
     proc.stdout.close(), proc.stderr.close()
@@ -285,9 +281,7 @@ def test_sigint_stops_gently_and_rerun_finishes(cli, server, api_env, market, pr
     proc = spawn("run", "--index", index, "--out", out, "--prompt-file", prompt_file, "--no-dashboard",
                  "--concurrency", 8, base_url=server.base_url)
     all_csv = out / "captions_all.csv"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not (all_csv.exists() and len(read_table(all_csv).rows) >= 10):
-        time.sleep(0.02)
+    wait_for_rows(all_csv, 10)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130, stderr

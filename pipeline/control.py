@@ -112,9 +112,8 @@ async def grace_watchdog(controller: Controller, grace_s: float, work_done: anyi
     controller.work_scope.cancel()
 
 
-async def stop_helpers_when(finished: anyio.Event, scope: anyio.CancelScope, controller: Controller,
-                       grace_s: float, work_done: anyio.Event) -> None:
-    """Run the grace watchdog until the writer has finished, then end the helper tasks."""
+async def watch_until(finished: anyio.Event, controller: Controller, grace_s: float, work_done: anyio.Event) -> None:
+    """Run the grace watchdog until the writer has finished (then the watchdog is no longer needed)."""
     async with anyio.create_task_group() as tg:
         tg.start_soon(grace_watchdog, controller, grace_s, work_done)
         await finished.wait()

@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import os
 import random
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
@@ -47,7 +46,7 @@ from pipeline.records import AttributeRow, CaptionRow, ErrorRow, IndexEntry, Pro
 from pipeline.retry import RetryPolicy, decide
 from pipeline.stats import RunStats, Snapshot
 from pipeline.tokens import estimate_request
-from pipeline.control import Controller, signal_handlers, stop_helpers_when
+from pipeline.control import Controller, signal_handlers, watch_until
 from pipeline.dispatch import Dispatcher, Job, count_work, plan_jobs
 from pipeline.manifest import ManifestKeeper
 from pipeline.writer import OutputWriter, ResumeState, Result, writer_task
@@ -76,12 +75,8 @@ class Context:
     rng: random.Random = field(default_factory=random.Random)
 
 
-def utc_now() -> str:
-    return now_iso()
-
-
 def error_rows(job: Job, reason: str, detail: str) -> list[Result]:
-    ts = utc_now()
+    ts = now_iso()
     return [
         ErrorRow(job.entry.image_id, reason, detail, job.attempts, ts, job.prompt.name, i, job.entry.position)
         for i in job.indices
@@ -261,7 +256,7 @@ def handle_reply(ctx: Context, job: Job, prompt_text: str, reply: ModelReply) ->
     """
     disp = ctx.dispatcher
     _account(ctx, reply.usage)
-    ts = utc_now()
+    ts = now_iso()
     filled = list(zip(job.indices, reply.texts))
     usages = split_usage(reply.usage, len(filled))
     rows: list[Result] = []
@@ -435,6 +430,7 @@ async def run_prepared(
     limiter = RateLimiter(cfg.limits.rpm, cfg.limits.tpm, learn=cfg.model.backend == "openai", probe=True)
     stats.rpm_limit, stats.tpm_limit = limiter.rpm_limit, limiter.tpm_limit
     controller = Controller()
+    controller.on_stop.append(lambda: setattr(stats, "stop_reason", controller.stop_reason))  # for the views
     plan = plan_jobs(prep.index.entries, prep.prompts, cfg.model.captions_per_image, prep.resume.done)
     dispatcher = Dispatcher(plan, controller)
     ctx = Context(cfg, backend, limiter, RetryPolicy(max_attempts=cfg.limits.max_attempts), stats, prep.price,
@@ -473,7 +469,7 @@ async def run_prepared(
         finally:
             finished.set()
 
-    sig_ctx = signal_handlers(controller) if install_signals else _null_ctx()
+    sig_ctx = signal_handlers(controller) if install_signals else nullcontext()
     try:
         with sig_ctx:
             async with anyio.create_task_group() as tg:
@@ -483,8 +479,7 @@ async def run_prepared(
                 tg.start_soon(writer_then_finish, results_recv)
                 await tg.start(work, results_send)
                 tg.start_soon(_view_loop, view, finished, 0.25)
-                tg.start_soon(stop_helpers_when, finished, tg.cancel_scope, controller, cfg.limits.grace_seconds,
-                              work_done)
+                tg.start_soon(watch_until, finished, controller, cfg.limits.grace_seconds, work_done)
     finally:
         with anyio.CancelScope(shield=True):
             await backend.aclose()
@@ -499,11 +494,6 @@ async def run_prepared(
     stats.stop_reason = controller.stop_reason
     keeper.finish(state)
     return RunResult(state, stats.snapshot(), cfg.out, controller.fatal, prep.resume.repaired, dispatcher.abandoned)
-
-
-@contextmanager
-def _null_ctx() -> Iterator[None]:
-    yield
 
 
 def run(cfg: RunConfig, *, console: Console | None = None) -> RunResult:

@@ -270,7 +270,19 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def _tolerant_streams() -> None:
+    """A redirected stdout on Windows uses the locale's code page: never fail on a Chinese file name."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(errors="replace")
+            except (ValueError, OSError):
+                pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _tolerant_streams()
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

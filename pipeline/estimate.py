@@ -32,7 +32,7 @@ from pipeline.outputs import CAPTIONS_ALL, read_captions
 from pipeline.prompts import render_prompt
 from pipeline.pricing import ModelPrice, PricingTable, cost_usd, load_pricing
 from pipeline.records import IndexEntry, Prompt, Usage
-from pipeline.status import read_done
+from pipeline.outputs import read_done
 from pipeline.tokens import DEFAULT_MAX_OUTPUT_TOKENS, MESSAGE_OVERHEAD_TOKENS, image_tokens, text_tokens
 
 SAMPLE_SIZE = 2_000  # image headers read at most; above this many requests the figures are scaled

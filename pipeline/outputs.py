@@ -254,6 +254,53 @@ def read_table(path: Path, *, repair: bool = False, expect_columns: list[str] | 
     return Table(header=header, rows=rows, cut_bytes=cut, bad_rows=bad)
 
 
+Key = tuple[str, str, int]  # (image_id, prompt_name, caption_index)
+
+
+@dataclass
+class DoneRead:
+    """What an output folder already holds: the work items done, and what they cost.
+
+    Done means a row in captions_all.csv or, for structured prompts, in attributes.csv. The writer reads
+    this on start (resume), and status and the dry-run read it too, so all three count alike.
+    """
+
+    keys: set[Key]
+    images: set[str]
+    cost_usd: float
+    caption_rows: list[dict[str, str]]  # captions_all.csv, whole rows only
+    attribute_rows: int
+    cut_bytes: dict[str, int]  # file name -> torn tail cut (repair) or skipped
+    bad_rows: int
+
+    @property
+    def rows(self) -> int:
+        return len(self.caption_rows) + self.attribute_rows
+
+
+def read_done(out_dir: Path, *, repair: bool = False, attributes: bool = True) -> DoneRead:
+    """Read captions_all.csv (and attributes.csv unless `attributes` is False) into a DoneRead."""
+    out_dir = Path(out_dir)
+    captions = read_table(out_dir / CAPTIONS_ALL, repair=repair, expect_columns=CAPTION_COLUMNS)
+    done = DoneRead(set(), set(), 0.0, captions.rows, 0, {CAPTIONS_ALL: captions.cut_bytes}, captions.bad_rows)
+    for d in captions.rows:
+        row = caption_from_dict(d)
+        done.keys.add(row.key)
+        done.images.add(row.image_id)
+        done.cost_usd += row.cost_usd
+    if attributes:
+        attrs = read_table(out_dir / ATTRIBUTES, repair=repair)
+        for d in attrs.rows:
+            image_id = d.get("image_id", "")
+            done.keys.add((image_id, d.get("prompt_name") or "", _int(d.get("caption_index"))))
+            done.images.add(image_id)
+            done.cost_usd += _float(d.get("cost_usd"))
+        done.attribute_rows = len(attrs.rows)
+        done.cut_bytes[ATTRIBUTES] = attrs.cut_bytes
+        done.bad_rows += attrs.bad_rows
+    return done
+
+
 def read_captions(out_dir: Path, *, repair: bool = False) -> list[CaptionRow]:
     t = read_table(Path(out_dir) / CAPTIONS_ALL, repair=repair, expect_columns=CAPTION_COLUMNS)
     return [caption_from_dict(d) for d in t.rows]

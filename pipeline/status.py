@@ -29,14 +29,12 @@ from pipeline.dashboard import fmt_int, fmt_usd, percent, reasons_text
 from pipeline.errors import InputError, ReidPromptError
 from pipeline.manifest import read_manifest
 from pipeline.outputs import (
-    ATTRIBUTES,
-    CAPTION_COLUMNS,
     CAPTIONS_ALL,
     ERROR_COLUMNS,
     ERRORS,
     MANIFEST,
-    caption_from_dict,
     error_from_dict,
+    read_done,
     read_table,
 )
 
@@ -122,57 +120,6 @@ def ago(seconds: float | None) -> str:
 
 def local_time(dt: datetime | None) -> str:
     return "-" if dt is None else dt.astimezone().strftime("%Y-%m-%d %H:%M:%S")
-
-
-@dataclass
-class DoneRead:
-    """What an output folder already holds, read without touching it."""
-
-    keys: set[Key] = field(default_factory=set)  # (image_id, prompt_name, caption_index)
-    images: set[str] = field(default_factory=set)
-    cost_usd: float = 0.0
-    rows: int = 0
-    torn_bytes: int = 0
-    bad_rows: int = 0
-
-
-def read_done(out_dir: Path) -> DoneRead:
-    """Done work items and their cost, counted as the writer counts them when a run resumes:
-    captions_all.csv plus attributes.csv (structured prompts' answers live only there).
-
-    Read-only (`repair=False`): a torn last row is skipped and reported, never cut.
-    """
-    out = DoneRead()
-    captions = read_table(Path(out_dir) / CAPTIONS_ALL, repair=False, expect_columns=CAPTION_COLUMNS)
-    for d in captions.rows:
-        row = caption_from_dict(d)
-        out.keys.add(row.key)
-        out.images.add(row.image_id)
-        out.cost_usd += row.cost_usd
-    attrs = read_table(Path(out_dir) / ATTRIBUTES, repair=False)
-    for d in attrs.rows:
-        image_id = d.get("image_id", "")
-        out.keys.add((image_id, d.get("prompt_name") or "", _int_cell(d.get("caption_index"))))
-        out.images.add(image_id)
-        out.cost_usd += _float_cell(d.get("cost_usd"))
-    out.rows = len(captions.rows) + len(attrs.rows)
-    out.torn_bytes = captions.cut_bytes + attrs.cut_bytes
-    out.bad_rows = captions.bad_rows + attrs.bad_rows
-    return out
-
-
-def _int_cell(value: str | None) -> int:
-    try:
-        return int(value) if value else 0
-    except ValueError:
-        return 0
-
-
-def _float_cell(value: str | None) -> float:
-    try:
-        return float(value) if value else 0.0
-    except ValueError:
-        return 0.0
 
 
 # --- the report --------------------------------------------------------------------------------------
@@ -371,7 +318,7 @@ def collect_status(
     by_reason: dict[str, int] = {}
     for reason in last_reason.values():
         by_reason[reason] = by_reason.get(reason, 0) + 1
-    torn = done.torn_bytes + errors.cut_bytes
+    torn = sum(done.cut_bytes.values()) + errors.cut_bytes
     bad = done.bad_rows + errors.bad_rows
     if bad:
         warnings.append(f"{bad} malformed CSV rows skipped")

@@ -31,11 +31,12 @@ from pipeline.outputs import (
     ERROR_COLUMNS,
     ERRORS,
     PART_GLOB,
+    DoneRead,
     attribute_record,
-    caption_from_dict,
     caption_record,
     error_record,
     part_name,
+    read_done,
     read_table,
     to_csv_text,
     write_csv_atomic,
@@ -55,6 +56,7 @@ class ResumeState:
     captions_rows: int = 0
     cost_usd: float = 0.0
     repaired: list[str] = field(default_factory=list)  # human notes: torn tails cut, parts rebuilt
+    read: DoneRead | None = None  # the rows behind it, for whoever needs more than the keys (dry-run)
 
 
 def check_writable(out_dir: Path) -> None:
@@ -91,36 +93,21 @@ class OutputWriter:
     # --- start ------------------------------------------------------------------------------------
     def read_done(self) -> ResumeState:
         """What is done, read-only (dry-run, status): nothing on disk changes."""
-        state, _ = self._read(repair=False)
-        return state
+        return self._read(repair=False)
 
-    def _read(self, *, repair: bool) -> tuple[ResumeState, list[dict[str, str]]]:
-        state = ResumeState()
-        table = read_table(self.out_dir / CAPTIONS_ALL, repair=repair, expect_columns=CAPTION_COLUMNS)
-        if table.cut_bytes and repair:
-            state.repaired.append(f"{CAPTIONS_ALL}: cut a torn last row ({table.cut_bytes} bytes)")
-        for d in table.rows:
-            r = caption_from_dict(d)
-            state.done.add(r.key)
-            state.cost_usd += r.cost_usd
-        state.captions_rows = len(table.rows)
-        if self.attribute_fields:
-            at = read_table(self.out_dir / ATTRIBUTES, repair=repair)
-            if at.cut_bytes and repair:
-                state.repaired.append(f"{ATTRIBUTES}: cut a torn last row ({at.cut_bytes} bytes)")
-            for d in at.rows:
-                state.done.add((d["image_id"], d.get("prompt_name", ""), int(d.get("caption_index") or 0)))
-                try:
-                    state.cost_usd += float(d.get("cost_usd") or 0)
-                except ValueError:
-                    pass
-        return state, table.rows
+    def _read(self, *, repair: bool) -> ResumeState:
+        done = read_done(self.out_dir, repair=repair, attributes=bool(self.attribute_fields))
+        state = ResumeState(done=done.keys, captions_rows=len(done.caption_rows), cost_usd=done.cost_usd, read=done)
+        if repair:
+            state.repaired += [f"{name}: cut a torn last row ({cut} bytes)" for name, cut in done.cut_bytes.items() if cut]
+        return state
 
     def open(self) -> ResumeState:
         """Before the first request: writable folder, repaired files, parts in line, a fresh errors.csv."""
         check_writable(self.out_dir)
-        state, rows = self._read(repair=True)
-        state.repaired += self._reconcile_parts(rows)
+        state = self._read(repair=True)
+        assert state.read is not None
+        state.repaired += self._reconcile_parts(state.read.caption_rows)
         (self.out_dir / ERRORS).write_text(_header_text(ERROR_COLUMNS), encoding="utf-8-sig", newline="")
         return state
 

@@ -28,11 +28,10 @@ from rich.text import Text
 
 from pipeline.dashboard import fmt_int, fmt_usd
 from pipeline.errors import ReidPromptError
-from pipeline.outputs import CAPTIONS_ALL, read_captions
+from pipeline.outputs import CAPTIONS_ALL, DoneRead, caption_from_dict, read_done
 from pipeline.prompts import render_prompt
 from pipeline.pricing import ModelPrice, PricingTable, cost_usd, load_pricing
 from pipeline.records import IndexEntry, Prompt, Usage
-from pipeline.outputs import read_done
 from pipeline.tokens import DEFAULT_MAX_OUTPUT_TOKENS, MESSAGE_OVERHEAD_TOKENS, image_tokens, text_tokens
 
 SAMPLE_SIZE = 2_000  # image headers read at most; above this many requests the figures are scaled
@@ -198,9 +197,14 @@ def read_image_size(path: Path) -> tuple[int, int] | None:
     return (width, height) if width > 0 and height > 0 else None
 
 
-def measured_output_tokens(out_dir: Path) -> tuple[int, str]:
-    """Expected output tokens per caption: the mean of the captions already in the folder, else a default."""
-    rows = [r.completion_tokens for r in read_captions(Path(out_dir), repair=False) if r.completion_tokens > 0]
+def measured_output_tokens(out_dir: Path, done: DoneRead | None = None) -> tuple[int, str]:
+    """Expected output tokens per caption: the mean of the captions already in the folder, else a default.
+
+    `done`: the folder as already read (the dry-run's `prepare` read it), so it is not read again.
+    """
+    done = done if done is not None else read_done(Path(out_dir))
+    tokens = (caption_from_dict(d).completion_tokens for d in done.caption_rows)
+    rows = [t for t in tokens if t > 0]
     if len(rows) >= MIN_ROWS_TO_MEASURE:
         return math.ceil(sum(rows) / len(rows)), f"mean of {fmt_int(len(rows))} captions in {CAPTIONS_ALL}"
     return DEFAULT_OUTPUT_TOKENS, f"default (fewer than {MIN_ROWS_TO_MEASURE} captions to measure)"
@@ -258,20 +262,24 @@ def build_estimate(
     sample_size: int = SAMPLE_SIZE,
     seed: int = 0,
     size_of: Callable[[Path], tuple[int, int] | None] = read_image_size,
+    done: DoneRead | None = None,
 ) -> CostEstimate:
     """Count what is left in `out_dir` for this index and these prompts, read image sizes, and estimate.
 
     Read-only. The work left is the runner's own plan (`plan_jobs`), so the estimate asks for exactly
     the requests a run would send: one per (image, prompt) with the missing caption slots as `n`.
+    `done` is the folder as already read, if the caller has it; else it is read here.
     """
     from pipeline.dispatch import count_work, plan_jobs
 
     out_dir = Path(out_dir)
-    done = read_done(out_dir).keys if out_dir.is_dir() else set()
-    total, items_done = count_work(list(entries), list(prompts), captions_per_image, done)
-    expected, source = measured_output_tokens(out_dir) if out_dir.is_dir() else (
+    if done is None and out_dir.is_dir():
+        done = read_done(out_dir)
+    done_keys = done.keys if done is not None else set()
+    total, items_done = count_work(list(entries), list(prompts), captions_per_image, done_keys)
+    expected, source = measured_output_tokens(out_dir, done) if done is not None else (
         DEFAULT_OUTPUT_TOKENS, f"default (no {CAPTIONS_ALL} yet)")
-    jobs: Iterator = plan_jobs(list(entries), list(prompts), captions_per_image, done)
+    jobs: Iterator = plan_jobs(list(entries), list(prompts), captions_per_image, done_keys)
     sample, requests = reservoir_sample(jobs, sample_size, seed)
     sizes: dict[Path, tuple[int, int] | None] = {}
     items: list[EstimateItem] = []
@@ -303,7 +311,8 @@ def build_estimate(
         notes.append(f"image sizes from a random sample of {fmt_int(est.items_seen)} of {fmt_int(requests)} "
                      f"requests (seed {seed}); token and cost figures scaled")
     notes.append("earlier failures are counted as left: the next run retries them")
-    notes.append("one request per image and prompt, its missing captions asked together (n)")
+    notes.append("one request per image and prompt, its missing captions asked together (n); "
+                 "one per caption under a {template} prompt")
     if any(p.schema is not None for p in prompts):
         notes.append("structured prompts: one answer per image, schema counted as input text")
     if not price.known:
@@ -348,6 +357,7 @@ def estimate_for_run(prep: Any) -> CostEstimate:
         captions_per_image=cfg.model.captions_per_image,
         max_cost=cfg.limits.max_cost,
         price_source=source,
+        done=prep.resume.read if Path(cfg.out).is_dir() else None,  # prepare() read the folder already
     )
 
 

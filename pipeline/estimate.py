@@ -12,7 +12,6 @@ folder is read with `repair=False`, exactly like `status`.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections import Counter
@@ -29,7 +28,7 @@ from rich.text import Text
 from pipeline.dashboard import fmt_int, fmt_usd
 from pipeline.errors import ReidPromptError
 from pipeline.outputs import CAPTIONS_ALL, DoneRead, caption_from_dict, read_done
-from pipeline.prompts import render_prompt
+from pipeline.prompts import billed_text, render_prompt
 from pipeline.pricing import ModelPrice, PricingTable, cost_usd, load_pricing
 from pipeline.records import IndexEntry, Prompt, Usage
 from pipeline.tokens import DEFAULT_MAX_OUTPUT_TOKENS, MESSAGE_OVERHEAD_TOKENS, image_tokens, text_tokens
@@ -229,15 +228,6 @@ def reservoir_sample(items: Iterable[T], k: int, seed: int = 0) -> tuple[list[T]
     return sample, count
 
 
-def request_text(prompt: Prompt, image_id: str) -> str:
-    """The text the runner sends for this image, with a structured prompt's schema counted as text too
-    (the response_format is billed as input)."""
-    text = render_prompt(prompt, image_id)
-    if prompt.schema is not None:
-        text += json.dumps(prompt.schema, separators=(",", ":"))
-    return text
-
-
 def describe_price_source(table: PricingTable | None, *, overridden: bool = False) -> str:
     """Where the prices came from, for the table: the pricing file and its date, or the command line."""
     if overridden:
@@ -293,7 +283,7 @@ def build_estimate(
                 image_id=job.entry.image_id,
                 width=size[0] if size else None,
                 height=size[1] if size else None,
-                prompt_text=request_text(job.prompt, job.entry.image_id),
+                prompt_text=billed_text(job.prompt, render_prompt(job.prompt, job.entry.image_id, job.indices[0])),
                 n=len(job.indices),
             )
         )

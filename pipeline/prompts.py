@@ -202,3 +202,11 @@ def render_prompt(prompt: Prompt, image_id: str, caption_index: int = 0, seed: i
 def has_templates(prompt: Prompt) -> bool:
     """True when captions of one image differ in the question asked (so they need separate requests)."""
     return TEMPLATE_SLOT in prompt.text
+
+
+def billed_text(prompt: Prompt, rendered: str) -> str:
+    """The text a request is billed for as input: the rendered prompt, plus a structured prompt's schema
+    (the response_format counts as input tokens). The limiter's reservation and the dry-run both use it."""
+    if prompt.schema is None:
+        return rendered
+    return rendered + json.dumps(prompt.schema, separators=(",", ":"))

@@ -41,7 +41,7 @@ from pipeline.index import LoadedIndex, load_index
 from pipeline.limits import RateLimiter
 from pipeline.manifest import now_iso
 from pipeline.pricing import ModelPrice, cost_usd, load_pricing, resolve_price
-from pipeline.prompts import load_prompts, render_prompt
+from pipeline.prompts import billed_text, load_prompts, render_prompt
 from pipeline.records import AttributeRow, CaptionRow, ErrorRow, IndexEntry, Prompt, Usage
 from pipeline.retry import RetryPolicy, decide
 from pipeline.stats import RunStats, Snapshot
@@ -129,7 +129,7 @@ async def process(ctx: Context, job: Job) -> list[Result]:
     prompt_text = render_prompt(job.prompt, job.entry.image_id, job.indices[0])
     n = len(job.indices)
     est = estimate_request(
-        ctx.price.image_rule, prompt_text, payload.width, payload.height,
+        ctx.price.image_rule, billed_text(job.prompt, prompt_text), payload.width, payload.height,
         cfg.model.detail, cfg.model.max_tokens, n=n,
     )
     reserve = est.reserve_tokens

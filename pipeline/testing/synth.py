@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -159,6 +159,21 @@ def _ids(n_ids: int) -> tuple[list[int], list[int]]:
     return [2 * i + 2 for i in range(n_ids)], [2 * i + 1 for i in range(n_ids)]
 
 
+def _bounding_box_tree(base: Path, n_ids: int, per_split: int | Mapping[str, int],
+                       name: Callable[[int, int, str], str], seed_offset: int) -> list[Path]:
+    """The Market-1501/DukeMTMC-reID layout: bounding_box_train, query, bounding_box_test, named by `name`."""
+    counts = _counts(per_split)
+    train_ids, test_ids = _ids(n_ids)
+    paths: list[Path] = []
+    for folder, split, ids in (("bounding_box_train", "train", train_ids), ("query", "query", test_ids),
+                               ("bounding_box_test", "gallery", test_ids)):
+        for pid in ids:
+            for k in range(counts[split]):
+                seed = pid * 100 + k * 7 + len(split) + seed_offset
+                paths.append(_crop_for(base / folder / name(pid, k, split), pid, seed=seed))
+    return paths
+
+
 def make_market_tree(root: Path, n_ids: int = 4, per_split: int | Mapping[str, int] = 2,
                      with_junk: bool = True, top_folder: str | None = None) -> list[Path]:
     """A small Market-1501 tree: `bounding_box_train`, `query`, `bounding_box_test`.
@@ -169,17 +184,13 @@ def make_market_tree(root: Path, n_ids: int = 4, per_split: int | Mapping[str, i
     distractor to bounding_box_test. `top_folder` nests everything in e.g. "Market-1501-v15.09.15".
     """
     base = Path(root) / top_folder if top_folder else Path(root)
-    counts = _counts(per_split)
-    train_ids, test_ids = _ids(n_ids)
-    paths: list[Path] = []
-    for folder, split, ids in (("bounding_box_train", "train", train_ids), ("query", "query", test_ids),
-                               ("bounding_box_test", "gallery", test_ids)):
-        for pid in ids:
-            for k in range(counts[split]):
-                cam = 1 + (pid + k + (0 if split == "query" else 3)) % 6
-                frame = 100 * pid + 25 * k + (7 if split == "query" else 0)
-                name = f"{pid:04d}_c{cam}s1_{frame:06d}_{k + 1:02d}.jpg"
-                paths.append(_crop_for(base / folder / name, pid, seed=pid * 100 + k * 7 + len(split)))
+
+    def market_name(pid: int, k: int, split: str) -> str:
+        cam = 1 + (pid + k + (0 if split == "query" else 3)) % 6
+        frame = 100 * pid + 25 * k + (7 if split == "query" else 0)
+        return f"{pid:04d}_c{cam}s1_{frame:06d}_{k + 1:02d}.jpg"
+
+    paths = _bounding_box_tree(base, n_ids, per_split, market_name, seed_offset=0)
     if with_junk:
         gal = base / "bounding_box_test"
         paths.append(make_crop(gal / "-1_c1s1_000401_03.jpg", upper=PALETTE["gray"], lower=PALETTE["gray"],
@@ -191,19 +202,13 @@ def make_market_tree(root: Path, n_ids: int = 4, per_split: int | Mapping[str, i
 
 def make_duke_tree(root: Path, n_ids: int = 4, per_split: int | Mapping[str, int] = 2) -> list[Path]:
     """A small DukeMTMC-reID tree (`0001_c2_f0046182.jpg`, cameras 1-8)."""
-    base = Path(root)
-    counts = _counts(per_split)
-    train_ids, test_ids = _ids(n_ids)
-    paths: list[Path] = []
-    for folder, split, ids in (("bounding_box_train", "train", train_ids), ("query", "query", test_ids),
-                               ("bounding_box_test", "gallery", test_ids)):
-        for pid in ids:
-            for k in range(counts[split]):
-                cam = 1 + (pid + k + (0 if split == "query" else 4)) % 8
-                frame = 40000 + 1000 * pid + 37 * k + (11 if split == "query" else 0)
-                name = f"{pid:04d}_c{cam}_f{frame:07d}.jpg"
-                paths.append(_crop_for(base / folder / name, pid, seed=pid * 100 + k * 7 + len(split) + 50))
-    return paths
+
+    def duke_name(pid: int, k: int, split: str) -> str:
+        cam = 1 + (pid + k + (0 if split == "query" else 4)) % 8
+        frame = 40000 + 1000 * pid + 37 * k + (11 if split == "query" else 0)
+        return f"{pid:04d}_c{cam}_f{frame:07d}.jpg"
+
+    return _bounding_box_tree(Path(root), n_ids, per_split, duke_name, seed_offset=50)
 
 
 def _msmt_name(pid: int, k: int, cam: int) -> str:

@@ -17,10 +17,47 @@ import anyio
 from pipeline.errors import FatalAPIError
 
 
+class Gate:
+    """Holds new requests back while any reason to hold them stands (server unreachable, disk full).
+
+    Each cause closes the gate under its own name and opens it again when it clears; workers wait at the
+    gate before taking a rate-limit slot, so nothing is sent and no attempt is spent while it is shut.
+    Requests already in flight are not touched.
+    """
+
+    def __init__(self) -> None:
+        self._reasons: dict[str, str] = {}
+        self._opened = anyio.Event()
+        self._opened.set()
+
+    @property
+    def is_open(self) -> bool:
+        return not self._reasons
+
+    @property
+    def reasons(self) -> dict[str, str]:
+        """cause -> one-line explanation, for the views."""
+        return dict(self._reasons)
+
+    def close(self, cause: str, why: str = "") -> None:
+        if not self._reasons:
+            self._opened = anyio.Event()
+        self._reasons[cause] = why or cause
+
+    def open(self, cause: str) -> None:
+        if self._reasons.pop(cause, None) is not None and not self._reasons:
+            self._opened.set()
+
+    async def wait_open(self) -> None:
+        while self._reasons:
+            await self._opened.wait()
+
+
 class Controller:
     """Stop requests as state the tasks read, so no task needs to know who asked to stop."""
 
     def __init__(self) -> None:
+        self.gate = Gate()
         self.stopping = False
         self.stop_reason: str | None = None
         self.fatal: FatalAPIError | None = None

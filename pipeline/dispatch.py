@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Iterator
 import anyio
 from anyio.abc import ObjectSendStream
 
-from pipeline.prompts import has_templates
+from pipeline.prompts import has_templates, prompt_hash
 from pipeline.records import IndexEntry, Prompt
 
 if TYPE_CHECKING:
@@ -31,6 +31,10 @@ class Job:
     indices: tuple[int, ...]
     attempts: int = 0  # requests sent for this job
     soft_failures: int = 0  # answers that were no caption (refused, empty, invalid): one more try each job
+
+    @property
+    def prompt_hash(self) -> str:
+        return prompt_hash(self.prompt)
 
 
 def captions_wanted(prompt: Prompt, captions_per_image: int) -> int:

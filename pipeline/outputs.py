@@ -42,8 +42,22 @@ CAPTION_COLUMNS = [
     "caption_index",
     "attempts",
     "latency_s",
+    "prompt_hash",
 ]
-ERROR_COLUMNS = ["image_id", "reason", "detail", "attempts", "timestamp", "prompt_name", "caption_index"]
+ERROR_COLUMNS = [
+    "image_id",
+    "reason",
+    "detail",
+    "attempts",
+    "timestamp",
+    "prompt_name",
+    "caption_index",
+    "model",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_usd",
+    "run_id",
+]
 ATTRIBUTE_META_COLUMNS = [
     "image_id",
     "prompt_name",
@@ -53,6 +67,9 @@ ATTRIBUTE_META_COLUMNS = [
     "completion_tokens",
     "cost_usd",
 ]
+
+# attributes.csv: the meta columns, the slot and prompt version, then one column per schema field.
+ATTRIBUTE_ROW_COLUMNS = ATTRIBUTE_META_COLUMNS + ["caption_index", "prompt_hash"]
 
 ENCODING_WRITE_NEW = "utf-8-sig"  # BOM at the start of a new file only
 ENCODING_READ = "utf-8-sig"
@@ -66,6 +83,21 @@ def part_name(position: int, batch_size: int) -> str:
 
 # --- rows <-> CSV records ----------------------------------------------------------------------------
 
+def cost_cell(cost: float | None) -> str:
+    """A cost as written: 8 decimals, or an empty cell when the price is unknown (never a false $0)."""
+    return "" if cost is None else f"{cost:.8f}"
+
+
+def cost_value(text: str | None) -> float | None:
+    """A cost cell read back: None for an empty (unknown) cell."""
+    if text in (None, ""):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def caption_record(row: CaptionRow) -> list[str]:
     return [
         row.image_id,
@@ -75,11 +107,12 @@ def caption_record(row: CaptionRow) -> list[str]:
         row.model,
         str(row.prompt_tokens),
         str(row.completion_tokens),
-        f"{row.cost_usd:.8f}",
+        cost_cell(row.cost_usd),
         row.prompt_name,
         str(row.caption_index),
         str(row.attempts),
         f"{row.latency_s:.3f}",
+        row.prompt_hash,
     ]
 
 
@@ -92,6 +125,11 @@ def error_record(row: ErrorRow) -> list[str]:
         row.timestamp,
         row.prompt_name,
         str(row.caption_index),
+        row.model,
+        str(row.prompt_tokens),
+        str(row.completion_tokens),
+        cost_cell(row.cost_usd),
+        row.run_id,
     ]
 
 
@@ -119,11 +157,12 @@ def caption_from_dict(d: dict[str, str]) -> CaptionRow:
         model=d.get("model") or "",
         prompt_tokens=_int(d.get("prompt_tokens")),
         completion_tokens=_int(d.get("completion_tokens")),
-        cost_usd=_float(d.get("cost_usd")),
+        cost_usd=cost_value(d.get("cost_usd")),
         prompt_name=d.get("prompt_name") or "base",
         caption_index=_int(d.get("caption_index")),
         attempts=_int(d.get("attempts"), 1),
         latency_s=_float(d.get("latency_s")),
+        prompt_hash=d.get("prompt_hash") or "",
     )
 
 
@@ -136,6 +175,11 @@ def error_from_dict(d: dict[str, str]) -> ErrorRow:
         timestamp=d.get("timestamp", ""),
         prompt_name=d.get("prompt_name") or "base",
         caption_index=_int(d.get("caption_index")),
+        model=d.get("model") or "",
+        prompt_tokens=_int(d.get("prompt_tokens")),
+        completion_tokens=_int(d.get("completion_tokens")),
+        cost_usd=cost_value(d.get("cost_usd")),
+        run_id=d.get("run_id") or "",
     )
 
 
@@ -147,9 +191,21 @@ def attribute_record(row: AttributeRow, field_names: list[str]) -> list[str]:
         row.model,
         str(row.prompt_tokens),
         str(row.completion_tokens),
-        f"{row.cost_usd:.8f}",
+        cost_cell(row.cost_usd),
     ]
     return meta + [_cell(row.fields.get(name)) for name in field_names]
+
+
+def attribute_columns_for(field_names: list[str]) -> list[str]:
+    """The header of attributes.csv for these schema fields."""
+    return ATTRIBUTE_ROW_COLUMNS + list(field_names)
+
+
+def attribute_row_record(row: AttributeRow, field_names: list[str]) -> list[str]:
+    """A row of attributes.csv, in the order of `attribute_columns_for(field_names)`."""
+    rec = attribute_record(row, field_names)
+    n = len(ATTRIBUTE_META_COLUMNS)
+    return rec[:n] + [str(row.caption_index), row.prompt_hash] + rec[n:]
 
 
 def _cell(value: object) -> str:
@@ -287,7 +343,7 @@ def read_done(out_dir: Path, *, repair: bool = False, attributes: bool = True) -
         row = caption_from_dict(d)
         done.keys.add(row.key)
         done.images.add(row.image_id)
-        done.cost_usd += row.cost_usd
+        done.cost_usd += row.cost_usd or 0.0
     if attributes:
         attrs = read_table(out_dir / ATTRIBUTES, repair=repair)
         for d in attrs.rows:

@@ -5,7 +5,10 @@ Kept free of I/O so that every stage (index, worker, writer, exports, views) agr
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 
@@ -37,6 +40,20 @@ class Prompt:
     schema: dict | None = None  # JSON schema for structured (attribute) prompts
     path: Path | None = None
 
+    @cached_property
+    def fingerprint(self) -> str:
+        """A short, stable hash of everything the prompt sends: text, templates and schema.
+
+        Rows carry it (`prompt_hash`) and the manifest records it per prompt name, so an edited prompt
+        file is noticed before its answers are mixed with the old ones under the same name.
+        """
+        h = hashlib.sha256(self.text.encode("utf-8"))
+        for t in self.templates:
+            h.update(b"\x00t" + t.encode("utf-8"))
+        if self.schema is not None:
+            h.update(b"\x00s" + json.dumps(self.schema, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+        return h.hexdigest()[:16]
+
 
 @dataclass(frozen=True)
 class Usage:
@@ -60,11 +77,12 @@ class CaptionRow:
     model: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cost_usd: float = 0.0
+    cost_usd: float | None = 0.0  # None: the model's price is unknown (written as an empty cell)
     prompt_name: str = "base"
     caption_index: int = 0
     attempts: int = 1
     latency_s: float = 0.0
+    prompt_hash: str = ""  # prompts.prompt_hash of the prompt it was asked with (the manifest names it)
     position: int = 0  # index position, for the part file; not a CSV column
 
     @property
@@ -74,7 +92,12 @@ class CaptionRow:
 
 @dataclass
 class ErrorRow:
-    """An image (or one caption slot of it) that could not be captioned in this run: a row of errors.csv."""
+    """An image (or one caption slot of it) that a run could not caption: a row of errors.csv.
+
+    errors.csv is append-only across runs (`run_id` tells them apart): an answer that was billed but is no
+    caption (refused, empty, invalid) carries its model, tokens and cost here, so the folder's total counts
+    every paid answer.
+    """
 
     image_id: str
     reason: str
@@ -83,6 +106,11 @@ class ErrorRow:
     timestamp: str
     prompt_name: str = "base"
     caption_index: int = 0
+    model: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float | None = 0.0
+    run_id: str = ""
     position: int = 0
 
     @property
@@ -101,8 +129,9 @@ class AttributeRow:
     model: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cost_usd: float = 0.0
+    cost_usd: float | None = 0.0
     caption_index: int = 0
+    prompt_hash: str = ""
     position: int = 0
 
     @property

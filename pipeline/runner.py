@@ -78,7 +78,7 @@ class Context:
 def error_rows(job: Job, reason: str, detail: str) -> list[Result]:
     ts = now_iso()
     return [
-        ErrorRow(job.entry.image_id, reason, detail, job.attempts, ts, job.prompt.name, i, job.entry.position)
+        ErrorRow(job.entry.image_id, reason, detail, job.attempts, ts, job.prompt.name, i, position=job.entry.position)
         for i in job.indices
     ]
 
@@ -142,6 +142,7 @@ async def process(ctx: Context, job: Job) -> list[Result]:
             return []
 
     with ctx.controller.before_send() as scope:
+        await ctx.controller.gate.wait_open()  # held while the server is unreachable or the disk is full
         reservation = await ctx.limiter.acquire(reserve)
     if scope.cancelled_caught or ctx.controller.stopping:
         if not scope.cancelled_caught:
@@ -271,14 +272,15 @@ def handle_reply(ctx: Context, job: Job, prompt_text: str, reply: ModelReply) ->
                 continue
             rows.append(AttributeRow(
                 job.entry.image_id, job.prompt.name, fields, ts, reply.model, u.prompt_tokens,
-                u.completion_tokens, cost, idx, job.entry.position,
+                u.completion_tokens, cost, caption_index=idx, prompt_hash=job.prompt_hash,
+                position=job.entry.position,
             ))
         else:
             rows.append(CaptionRow(
                 image_id=job.entry.image_id, prompt=prompt_text, caption=text, timestamp=ts,
                 model=reply.model, prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
                 cost_usd=cost, prompt_name=job.prompt.name, caption_index=idx, attempts=job.attempts,
-                latency_s=reply.latency_s, position=job.entry.position,
+                latency_s=reply.latency_s, prompt_hash=job.prompt_hash, position=job.entry.position,
             ))
     if rows:
         ctx.stats.captioned(job.entry.image_id, _preview(rows[0]), reply.latency_s, n=len(rows))

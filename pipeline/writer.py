@@ -24,7 +24,6 @@ from anyio.abc import ObjectReceiveStream
 
 from pipeline.errors import ConfigError
 from pipeline.outputs import (
-    ATTRIBUTE_META_COLUMNS,
     ATTRIBUTES,
     CAPTION_COLUMNS,
     CAPTIONS_ALL,
@@ -32,7 +31,8 @@ from pipeline.outputs import (
     ERRORS,
     PART_GLOB,
     DoneRead,
-    attribute_record,
+    attribute_columns_for,
+    attribute_row_record,
     caption_record,
     error_record,
     part_name,
@@ -193,13 +193,8 @@ class OutputWriter:
             await fh.write(to_csv_text(error_record(r) for r in errors))
             touched.append(fh)
         if attrs:
-            cols = ATTRIBUTE_META_COLUMNS + ["caption_index"] + self.attribute_fields
-            fh = await self._handle(ATTRIBUTES, cols)
-            recs = []
-            for r in attrs:
-                rec = attribute_record(r, self.attribute_fields)
-                recs.append(rec[: len(ATTRIBUTE_META_COLUMNS)] + [str(r.caption_index)] + rec[len(ATTRIBUTE_META_COLUMNS):])
-            await fh.write(to_csv_text(recs))
+            fh = await self._handle(ATTRIBUTES, attribute_columns_for(self.attribute_fields))
+            await fh.write(to_csv_text(attribute_row_record(r, self.attribute_fields) for r in attrs))
             touched.append(fh)
         for fh in touched:
             await fh.flush()

@@ -14,9 +14,10 @@ from typing import Callable, Sequence
 
 from pipeline import __version__
 from pipeline.config import LimitConfig, ModelConfig, PriceConfig, RunConfig
-from pipeline.errors import InputError, ReidPromptError
+from pipeline.errors import EXIT_INTERRUPTED, EXIT_MEANINGS, InputError, ReidPromptError, exit_code_for
 
-EXIT_INTERRUPTED = 130
+EXIT_CODES_HELP = "exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_MEANINGS.items())
+MAX_CONCURRENCY = 1024  # more requests in flight help no server or rate limit; capped with a note
 
 
 def _number(text: str, cast: type, what: str) -> float:
@@ -37,6 +38,20 @@ def _non_negative_float(text: str) -> float:
     value = _number(text, float, "a number")
     if value < 0 or value != value:
         raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _number(text, float, "a number of seconds")
+    if not (value > 0) or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
     return value
 
 
@@ -65,8 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="auto", help="auto (default), market1501, dukemtmc, msmt17, cuhk03, folder")
     p.add_argument("--splits", default=None, help="comma-separated splits to index, e.g. train,query,gallery (default: all)")
     p.add_argument("--skip-junk", action="store_true", help="leave out Market-1501 junk (-1) and distractor (0000) images")
+    p.add_argument("--follow-symlinks", action="store_true",
+                   help="index images that are symlinks to files outside the root (refused by default)")
 
-    r = sub.add_parser("run", help="caption every image of an index (resumes what is done)")
+    r = sub.add_parser("run", help="caption every image of an index (resumes what is done)",
+                       epilog=EXIT_CODES_HELP)
     r.add_argument("--index", required=True, type=Path, help="index from `prepare`, a JSON list of paths, or a text file of paths")
     r.add_argument("--out", required=True, type=Path, help="output folder (captions_all.csv, parts, errors.csv, manifest.json)")
     r.add_argument("--root", type=Path, default=None, help="image root for a plain list of paths (default: the list's folder)")
@@ -84,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-tokens", type=_positive_int, default=300, help="answer length cap in tokens (default 300)")
     r.add_argument("--temperature", type=_non_negative_float, default=None)
     r.add_argument("--captions-per-image", type=_positive_int, default=1, help="captions per image and prompt (default 1)")
-    r.add_argument("--timeout", type=_non_negative_float, default=60.0, help="seconds per request before it is abandoned and retried")
+    r.add_argument("--timeout", type=_positive_float, default=60.0, help="seconds per request before it is abandoned and retried")
     r.add_argument("--rpm", type=_non_negative_float, default=None, help="requests per minute (default: learn from headers)")
     r.add_argument("--tpm", type=_non_negative_float, default=None, help="tokens per minute (default: learn from headers)")
     r.add_argument("--max-attempts", type=_positive_int, default=6, help="attempts per image before it goes to errors.csv")
@@ -93,9 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--price-out", type=_non_negative_float, default=None, help="USD per 1M output tokens")
     r.add_argument("--price-cached-in", type=_non_negative_float, default=None, help="USD per 1M cached input tokens")
     r.add_argument("--dry-run", action="store_true", help="estimate tokens and cost of what is left; send nothing")
+    r.add_argument("--allow-changes", action="store_true",
+                   help="rerun on a folder made with another prompt text, model, detail or image root: keep its "
+                        "rows as done and record the change in the manifest (default: refuse, exit 2)")
+    r.add_argument("--follow-symlinks", action="store_true",
+                   help="use images that are symlinks to files outside the image root (refused by default)")
     r.add_argument("--no-dashboard", action="store_true", help="plain progress lines instead of the live dashboard")
     r.add_argument("--progress-every", type=_non_negative_float, default=5.0, help="seconds between plain progress lines")
     r.add_argument("--grace", type=_non_negative_float, default=15.0, help="seconds answers in flight get after Ctrl-C")
+    # an output file cannot be written: seconds between retries, and how long to retry once the run ended
+    r.add_argument("--hold-retry", type=_non_negative_float, default=3.0, help=argparse.SUPPRESS)
+    r.add_argument("--hold-final", type=_non_negative_float, default=30.0, help=argparse.SUPPRESS)
+    r.add_argument("--outage-timeout", type=_positive_seconds, default=300.0, metavar="S",
+                   help="seconds the server may stay unreachable mid-run (the pool waits and probes) "
+                        "before the run stops with exit 3 (default 300)")
     r.add_argument("--http-client", choices=["aiohttp", "httpx"], default="aiohttp", help=argparse.SUPPRESS)
 
     s = sub.add_parser("status", help="how far a run's output folder is, from its files alone")
@@ -119,6 +148,11 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
     if not a.prompt_files and a.prompts_dir is None:
         raise InputError("no prompt given: pass --prompt-file FILE (repeatable) or --prompts DIR")
     base_url = a.base_url or os.environ.get("OPENAI_BASE_URL") or None
+    concurrency = a.concurrency
+    if concurrency > MAX_CONCURRENCY:
+        print(f"note: --concurrency {concurrency:,} capped at {MAX_CONCURRENCY:,} (more requests in flight help "
+              "no server or rate limit)", file=sys.stderr)
+        concurrency = MAX_CONCURRENCY
     return RunConfig(
         index=a.index,
         root=a.root,
@@ -138,16 +172,21 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
             http_client=a.http_client,
         ),
         limits=LimitConfig(
-            concurrency=a.concurrency,
+            concurrency=concurrency,
             rpm=a.rpm or None,
             tpm=a.tpm or None,
             max_attempts=a.max_attempts,
             max_cost=a.max_cost,
             grace_seconds=a.grace,
+            hold_retry_s=a.hold_retry,
+            hold_final_s=a.hold_final,
+            outage_timeout=a.outage_timeout,
         ),
         prices=PriceConfig(price_in=a.price_in, price_cached_in=a.price_cached_in, price_out=a.price_out),
         dashboard=not a.no_dashboard,
         dry_run=a.dry_run,
+        allow_changes=a.allow_changes,
+        follow_symlinks=a.follow_symlinks,
         progress_every=a.progress_every,
     )
 
@@ -158,7 +197,8 @@ def cmd_prepare(a: argparse.Namespace) -> int:
     from pipeline.index import build_index, write_index
 
     splits = {s.strip() for s in a.splits.split(",") if s.strip()} if a.splits else None
-    index = build_index(a.root, a.dataset, splits=splits, skip_junk=a.skip_junk)
+    index = build_index(a.root, a.dataset, splits=splits, skip_junk=a.skip_junk,
+                        follow_symlinks=a.follow_symlinks)
     write_index(index, a.out)
     by_split: dict[str, int] = {}
     for img in index["images"]:
@@ -192,19 +232,19 @@ def _dry_run(cfg: RunConfig, console) -> int:
 
 
 def _report_run(result, console) -> int:
+    """The end of a run: the summary table on a terminal, the repair notes, ONE summary line that says
+    how the run ended and with which exit code, and the fatal error's own line."""
     from pipeline.dashboard import render_summary, summary_line
 
     if console.is_terminal:
         console.print(render_summary(result.snapshot, result.out))
     for note in result.repaired:
         print(f"repaired: {note}", file=sys.stderr)
-    print(summary_line(result.snapshot))
+    code = exit_code_for(result.state, result.snapshot.failed, result.fatal is not None, result.held)
+    print(f"{summary_line(result.snapshot)} (exit {code}: {EXIT_MEANINGS[code]})")
     if result.fatal is not None:
         print(f"error: {result.fatal}", file=sys.stderr)
-        return result.fatal.exit_code
-    if result.state == "interrupted":
-        return EXIT_INTERRUPTED
-    return 0
+    return code
 
 
 def cmd_status(a: argparse.Namespace) -> int:

@@ -31,6 +31,9 @@ class LimitConfig:
     max_attempts: int = 6
     max_cost: float | None = None  # USD budget for this output folder
     grace_seconds: float = 15.0  # after Ctrl-C: how long answers in flight may still arrive
+    hold_retry_s: float = 3.0  # an output file cannot be written: seconds between retries
+    hold_final_s: float = 30.0  # ... and once the run has ended: how long to retry before the pending file
+    outage_timeout: float = 300.0  # seconds the server may stay unreachable mid-run before the run stops
 
 
 @dataclass
@@ -55,6 +58,8 @@ class RunConfig:
     prices: PriceConfig = field(default_factory=PriceConfig)
     dashboard: bool = True
     dry_run: bool = False
+    follow_symlinks: bool = False  # images that are symlinks out of the root are refused unless set
+    allow_changes: bool = False  # rerun with other inputs: keep the old rows as done, record the change
     progress_every: float = 5.0  # seconds between plain progress lines
     api_key: str | None = field(default=None, repr=False)  # never printed, never written
 

@@ -90,14 +90,18 @@ class Controller:
         for cb in self.on_stop:
             cb()
 
-    def interrupt(self) -> None:
-        """Ctrl-C / SIGTERM: first stops gently, second at once."""
+    def interrupt(self, signame: str = "SIGINT") -> None:
+        """Ctrl-C / SIGTERM / SIGBREAK: the first stops gently, the second at once.
+
+        The stop reason names the signal ("interrupted" for Ctrl-C, "interrupted: SIGTERM" otherwise) so
+        the summary says what stopped the run.
+        """
         self.interrupts += 1
         if self.interrupts == 1:
-            self.request_stop("interrupted")
+            self.request_stop("interrupted" if signame == "SIGINT" else f"interrupted: {signame}")
             self.interrupted.set()
         else:
-            self.stop_reason = "interrupted (immediately)"
+            self.stop_reason = f"{self.stop_reason or 'interrupted'} (immediately)"
             self.work_scope.cancel()
 
     def fail(self, error: FatalAPIError) -> None:
@@ -122,7 +126,11 @@ def signal_handlers(controller: Controller) -> Iterator[None]:
     loop = asyncio.get_running_loop()
 
     def handler(signum, frame) -> None:  # noqa: ARG001
-        loop.call_soon_threadsafe(controller.interrupt)
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = "SIGINT"
+        loop.call_soon_threadsafe(controller.interrupt, name)
 
     names = ["SIGINT", "SIGTERM", "SIGBREAK"]
     installed = {}

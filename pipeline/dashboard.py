@@ -26,6 +26,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from pipeline.ledger.costs import Spent
+from pipeline.outage import outage_text
 from pipeline.outputs import CAPTIONS_ALL, ERRORS, MANIFEST
 from pipeline.stats import RunStats, Snapshot
 
@@ -44,6 +46,18 @@ def fmt_int(n: int | float) -> str:
 def fmt_usd(x: float) -> str:
     """Dollars: 4 decimals below $1 (a few images cost fractions of a cent), else 2."""
     return f"${x:,.4f}" if abs(x) < 1 else f"${x:,.2f}"
+
+
+def fmt_spent(spent: Spent) -> str:
+    """Money spent, honest about unknown prices: '$0.0412', 'cost unknown', 'at least $0.0412 (some unknown)'.
+
+    ASCII only: a plain progress line may go to a Windows console in a code page without '≥'.
+    """
+    if spent.complete:
+        return fmt_usd(spent.usd)
+    if spent.usd <= 0:
+        return "cost unknown"
+    return f"at least {fmt_usd(spent.usd)} (some unknown)"
 
 
 def fmt_hms(seconds: float | None, *, pad: bool = True) -> str:
@@ -110,8 +124,13 @@ def stop_reason_text(snap: Snapshot) -> str | None:
     if not reason:
         return None
     if reason.startswith("interrupted"):
-        rest = reason[len("interrupted") :].strip()  # "interrupted (immediately)" after a second Ctrl-C
-        return f"Ctrl-C {rest}" if rest else "Ctrl-C"
+        # "interrupted" (Ctrl-C), "interrupted: SIGTERM", either + " (immediately)" after a second signal
+        rest = reason[len("interrupted") :]
+        who = "Ctrl-C"
+        if rest.startswith(":"):
+            who, _, rest = rest[1:].strip().partition(" ")
+        rest = rest.strip()
+        return f"{who} {rest}" if rest else who
     if reason == "budget":
         if snap.max_cost is not None:
             return f"budget of {fmt_usd(snap.max_cost)} reached"
@@ -120,14 +139,20 @@ def stop_reason_text(snap: Snapshot) -> str | None:
 
 
 def cost_text(snap: Snapshot) -> str:
-    """'$0.0412 (proj. $0.3296, budget $5.00)': what was spent, where it is heading, and the cap."""
+    """'$0.0412 (proj. $0.3296, folder $1.20, budget $5.00)': spent by this run, where it is heading, the
+    folder's total when earlier runs spent there too (what the budget counts), and the cap.
+
+    Every billed answer counts, refused and empty ones too; an unknown price reads 'cost unknown'.
+    """
     extra = []
     if snap.projected_cost_usd is not None:
         extra.append(f"proj. {fmt_usd(snap.projected_cost_usd)}")
+    if snap.cost_before_usd > 0 or snap.cost_before_unknown:
+        extra.append(f"folder {fmt_spent(snap.spent_folder)}")
     if snap.max_cost is not None:
         extra.append(f"budget {fmt_usd(snap.max_cost)}")
     tail = f" ({', '.join(extra)})" if extra else ""
-    return f"{fmt_usd(snap.cost_usd)}{tail}"
+    return f"{fmt_spent(snap.spent_run)}{tail}"
 
 
 # --- the live dashboard ------------------------------------------------------------------------------
@@ -159,7 +184,7 @@ def _figure_pairs(snap: Snapshot) -> list[tuple[str, Text]]:
     rpm = Text(f"{fmt_rate(snap.requests_per_min)} req/min ({fmt_limit(snap.rpm_limit)})")
     tpm = Text(f"{fmt_rate(snap.tokens_per_min)} tokens/min ({fmt_limit(snap.tpm_limit)})")
     cost = Text(cost_text(snap))
-    if snap.max_cost is not None and snap.cost_usd >= snap.max_cost:
+    if snap.max_cost is not None and snap.spent_folder.usd >= snap.max_cost:
         cost.stylize("bold red")
     flight = Text(f"{fmt_int(snap.in_flight)} / {fmt_int(snap.concurrency)}")
     retries = Text(f"{fmt_int(snap.retries)} retries, {fmt_int(snap.rate_limited)} x 429")
@@ -224,6 +249,10 @@ def render_dashboard(snap: Snapshot, *, title: str = "reid-prompt") -> Renderabl
     parts: list[RenderableType] = [_progress_row(snap), _Figures(snap)]
     if snap.last_captions:
         parts.append(_captions_table(snap))
+    if snap.outage_s is not None:
+        parts.append(Text(outage_text(snap.outage_s, snap.outage_why), style="bold yellow"))
+    if snap.write_warning:
+        parts.append(Text(snap.write_warning, style="bold red"))
     reason = stop_reason_text(snap)
     if reason:
         parts.append(Text(stopping_text(snap, reason), style="bold yellow"))
@@ -311,6 +340,10 @@ def progress_line(snap: Snapshot) -> str:
     ]
     if snap.paused_s > 0:
         parts.append(f"paused {math.ceil(snap.paused_s)}s after 429")
+    if snap.outage_s is not None:
+        parts.append(outage_text(snap.outage_s, snap.outage_why))
+    if snap.write_warning:
+        parts.append(snap.write_warning)
     reason = stop_reason_text(snap)
     if reason:
         parts.append(f"stopping: {reason}")
@@ -399,12 +432,18 @@ async def refresh_until_cancelled(view: LiveView | PlainView) -> None:
 
 # --- the end of a run -------------------------------------------------------------------------------
 
+def _cost_words(spent: Spent) -> str:
+    """After 'cost ': '$0.0412', 'unknown', 'at least $0.0412 (some unknown)'."""
+    text = fmt_spent(spent)
+    return "unknown" if text == "cost unknown" else text
+
+
 def summary_line(snap: Snapshot) -> str:
     """ONE plain line for the end of a run (also what a log keeps)."""
     line = (
         f"captioned {fmt_int(snap.done)}, skipped {fmt_int(snap.skipped)} (already done), "
         f"failed {fmt_int(snap.failed)}, elapsed {fmt_hms(snap.elapsed_s, pad=False)}, "
-        f"cost {fmt_usd(snap.cost_usd)}"
+        f"cost {_cost_words(snap.spent_run)}"
     )
     reason = stop_reason_text(snap)
     if reason:
@@ -427,7 +466,9 @@ def render_summary(snap: Snapshot, out_dir: Path) -> RenderableType:
     t.add_row("retries", fmt_int(snap.retries))
     t.add_row("429 answers", fmt_int(snap.rate_limited))
     t.add_row("tokens in / out", f"{fmt_int(snap.tokens_in)} / {fmt_int(snap.tokens_out)}")
-    cost = fmt_usd(snap.cost_usd)
+    cost = fmt_spent(snap.spent_run)
+    if snap.cost_before_usd > 0 or snap.cost_before_unknown:
+        cost += f" (folder total {fmt_spent(snap.spent_folder)})"
     if snap.max_cost is not None:
         cost += f" (budget {fmt_usd(snap.max_cost)})"
     t.add_row("cost", cost)

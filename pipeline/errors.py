@@ -8,6 +8,40 @@ stop a run: the image is recorded in errors.csv with `reason`.
 
 from __future__ import annotations
 
+# Exit codes a script can use (README, `run --help`). One table, read by the CLI edge.
+EXIT_DONE = 0  # everything asked for is done
+EXIT_SOME_FAILED = 1  # the run finished but some items failed (they are in errors.csv)
+EXIT_BAD_INPUT = 2  # bad input or usage, a locked folder, refused changes: nothing was sent
+EXIT_SERVER_STOPPED = 3  # the server or API stopped the run: key, quota, unknown model, unreachable
+EXIT_BUDGET = 4  # stopped by --max-cost
+EXIT_INTERRUPTED = 130  # Ctrl-C, SIGTERM
+
+EXIT_MEANINGS = {
+    EXIT_DONE: "done",
+    EXIT_SOME_FAILED: "some items failed (see errors.csv)",
+    EXIT_BAD_INPUT: "bad input, nothing sent",
+    EXIT_SERVER_STOPPED: "the server stopped the run",
+    EXIT_BUDGET: "budget reached",
+    EXIT_INTERRUPTED: "interrupted",
+}
+
+
+def exit_code_for(state: str, failed: int, fatal: bool, held: int = 0) -> int:
+    """The exit code of a run that got going: from how it ended and what is left undone.
+
+    `held`: answers that could not be written to the folder's CSV files and went to a pending file
+    instead (merged on the next start): the run did not finish what it was asked, so not 0.
+    """
+    if fatal or state == "failed":
+        return EXIT_SERVER_STOPPED
+    if state == "interrupted":
+        return EXIT_INTERRUPTED
+    if state == "budget":
+        return EXIT_BUDGET
+    if failed or held:
+        return EXIT_SOME_FAILED
+    return EXIT_DONE
+
 
 class ReidPromptError(Exception):
     """A problem reported to the user as one line at the CLI edge (exit code `exit_code`)."""
@@ -42,6 +76,11 @@ class FatalAPIError(ReidPromptError):
     """
 
     exit_code = 3
+
+
+class ServerUnreachableError(FatalAPIError):
+    """The server could not be reached at all (refused, host not found, TLS): before its first answer, or
+    for longer than --outage-timeout. Exit 3, like any stop by the server."""
 
 
 class ImageError(Exception):

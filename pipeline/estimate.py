@@ -25,7 +25,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from pipeline.dashboard import fmt_int, fmt_usd
+from pipeline.dashboard import fmt_int, fmt_spent, fmt_usd
+from pipeline.ledger.costs import Spent
 from pipeline.errors import ReidPromptError
 from pipeline.outputs import CAPTIONS_ALL, DoneRead, caption_from_dict, read_done
 from pipeline.prompts import billed_text, render_prompt
@@ -87,6 +88,12 @@ class CostEstimate:
     price_source: str | None = None
     max_cost: float | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    spent_usd: float = 0.0  # already spent in the folder: captions, attributes and billed failures
+    spent_unknown: int = 0  # billed rows there whose cost is unknown
+
+    @property
+    def spent(self) -> Spent:
+        return Spent(self.spent_usd, self.spent_unknown)
 
     @property
     def input_tokens(self) -> int:
@@ -306,7 +313,7 @@ def build_estimate(
     if any(p.schema is not None for p in prompts):
         notes.append("structured prompts: one answer per image, schema counted as input text")
     if not price.known:
-        notes.append("price unknown for this model: costs read as zero (pass --price-in/--price-out)")
+        notes.append("price unknown for this model: costs are shown as unknown (give --price-in/--price-out)")
     notes.append("nothing was sent")
     return replace(
         est,
@@ -317,6 +324,8 @@ def build_estimate(
         price_source=price_source,
         max_cost=max_cost,
         notes=tuple(notes),
+        spent_usd=done.cost_usd if done is not None else 0.0,
+        spent_unknown=done.cost_unknown if done is not None else 0,
     )
 
 
@@ -380,6 +389,8 @@ def render_estimate(est: CostEstimate, console: Console) -> None:
              f"{_per_million(est.price_output)} out per 1M tokens")
     if est.price_source:
         price += f" ({est.price_source})"
+    if not est.price_known:
+        price = "unknown: the model is not in the pricing file (give --price-in/--price-out)"
     t.add_row("price", Text(price, style="" if est.price_known else "yellow"))
     if est.items_total is not None:
         t.add_row("work items", f"{fmt_int(est.items_total)} total, {fmt_int(est.items_done)} done, "
@@ -399,13 +410,20 @@ def render_estimate(est: CostEstimate, console: Console) -> None:
                               f"text {fmt_int(est.text_tokens)})")
     t.add_row("output tokens", f"{fmt_int(est.output_tokens)} ({est.expected_output_tokens} per caption; "
                                f"at most {fmt_int(est.output_tokens_max)})")
-    t.add_row("cost input", fmt_usd(est.cost_input))
-    t.add_row("cost output", fmt_usd(est.cost_output))
-    total = Text(fmt_usd(est.cost_total), style="bold")
-    total.append(f"  (at most {fmt_usd(est.cost_max)} if every answer ran to max_tokens)", style="")
+    if est.price_known:
+        t.add_row("cost input", fmt_usd(est.cost_input))
+        t.add_row("cost output", fmt_usd(est.cost_output))
+        total = Text(fmt_usd(est.cost_total), style="bold")
+        total.append(f"  (at most {fmt_usd(est.cost_max)} if every answer ran to max_tokens)", style="")
+    else:
+        total = Text("cost unknown", style="bold yellow")
+        total.append(f"  (no price for {est.model}: give --price-in/--price-out)", style="")
     t.add_row("cost total", total)
+    if est.spent_usd > 0 or est.spent_unknown:
+        t.add_row("spent so far", Text(f"{fmt_spent(est.spent)} in this folder (failed answers that were "
+                                       f"billed included)"))
     if est.max_cost is not None:
-        over = est.cost_total > est.max_cost
+        over = est.spent_usd + est.cost_total > est.max_cost
         t.add_row("budget", Text(f"{fmt_usd(est.max_cost)}" + (" - the estimate is over budget; the run will stop"
                                                               " at the budget" if over else ""),
                                  style="bold red" if over else ""))

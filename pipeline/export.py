@@ -371,6 +371,7 @@ def export_folder(
     entries = load_index(
         index if index is not None else run_index_path(out_dir),
         Path(recorded_root) if isinstance(recorded_root, str) and recorded_root else None,
+        follow_symlinks=True,  # export reads ids and splits; the run already decided which images to use
     ).entries
     attributes = read_attributes(out_dir) if fmt == "jsonl" else None
     result = run_export(fmt, captions, entries, attributes, val_from_train=val_from_train, seed=seed)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,12 @@ from pipeline.errors import ImageError
 API_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
 API_MAX_BYTES = 20 * 1024 * 1024  # OpenAI's per-image cap for vision input
 MAX_SIDE_REENCODE = 2048  # an over-cap image is scaled to this before re-encoding (the API would anyway)
+
+# Pillow warns (DecompressionBombWarning) for images between 89 and 179 megapixels and refuses larger ones
+# (DecompressionBombError -> `too_large` in errors.csv). The warning would print a raw Python warning line
+# into the dashboard from a worker thread; such an image is decoded once and scaled down before sending,
+# so the warning tells the user nothing they need. Installed once, for this category only.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 @dataclass(frozen=True)

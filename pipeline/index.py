@@ -26,7 +26,7 @@ import gc
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +59,7 @@ class LoadedIndex:
 
 
 def build_index(root: Path, dataset: str = "auto", splits: set[str] | None = None,
-                skip_junk: bool = False) -> dict:
+                skip_junk: bool = False, follow_symlinks: bool = False) -> dict:
     """Scan a dataset folder into a JSON-ready index sorted by image_id.
 
     `splits` None = the dataset's natural splits; `skip_junk` drops Market's -1/0000 crops (kept and
@@ -81,6 +81,8 @@ def build_index(root: Path, dataset: str = "auto", splits: set[str] | None = Non
     if not images:
         where = f" in splits {', '.join(sorted(wanted))}" if wanted else ""
         raise InputError(f"no images found{where} under {root} (read as {name})")
+    if not follow_symlinks:
+        refuse_escaping_symlinks(root_abs, (root_abs / im.image_id for im in images), f"dataset {root}")
     return {"root": str(root_abs), "dataset": name, "images": [_image_json(im) for im in images]}
 
 
@@ -137,12 +139,64 @@ def _dumps_index(index: dict) -> str:
 # --------------------------------------------------------------------------------------------- load
 
 
-def load_index(path: Path, root: Path | None = None) -> LoadedIndex:
-    """Read and validate an index in any of the three forms; `root` overrides the image root."""
+def load_index(path: Path, root: Path | None = None, *, follow_symlinks: bool = False) -> LoadedIndex:
+    """Read and validate an index in any of the three forms; `root` overrides the image root.
+
+    Images that are symlinks to files outside the root are refused unless `follow_symlinks`.
+    """
     path = Path(path)
     text = _read_text(path)
     with _gc_paused():
-        return _parse_index(path, text, None if root is None else Path(root))
+        loaded = _parse_index(path, text, None if root is None else Path(root))
+    if not follow_symlinks:
+        refuse_escaping_symlinks(loaded.root, (e.path for e in loaded.entries), f"index {path}")
+    return loaded
+
+
+def escaping_symlinks(root: Path, paths: Iterable[Path], limit: int = 3) -> list[tuple[str, str]]:
+    """(path, target) of images that are symlinks resolving outside `root`; at most `limit` of them.
+
+    One `os.scandir` per folder, not a stat per image: the directory entry already says whether a name
+    is a symlink, so a million images in a few folders cost a few listings. Only the symlinks are resolved.
+    """
+    root_real = os.path.realpath(root)
+    folders: dict[str, set[str]] = {}
+    for p in paths:
+        folder, name = os.path.split(os.fspath(p))
+        folders.setdefault(folder, set()).add(name)
+    found: list[tuple[str, str]] = []
+    for folder, names in folders.items():
+        try:
+            with os.scandir(folder or ".") as it:
+                links = [e.path for e in it if e.name in names and e.is_symlink()]
+        except OSError:
+            continue  # a missing folder is a per-image error of the run, not an index error
+        for link in links:
+            target = os.path.realpath(link)
+            if not _inside(root_real, target):
+                found.append((link, target))
+                if len(found) >= limit:
+                    return found
+    return found
+
+
+def _inside(root_real: str, target: str) -> bool:
+    """Is the resolved `target` inside the resolved root? (Different Windows drives: no.)"""
+    if os.path.splitdrive(root_real)[0].lower() != os.path.splitdrive(target)[0].lower():
+        return False
+    return os.path.commonpath([root_real, target]) == root_real
+
+
+def refuse_escaping_symlinks(root: Path, paths: Iterable[Path], where: str) -> None:
+    """One-line InputError if any image is a symlink to a file outside the root."""
+    found = escaping_symlinks(root, paths)
+    if found:
+        link, target = found[0]
+        more = " (and others)" if len(found) > 1 else ""
+        raise InputError(
+            f"{where}: image {link} is a symlink to {target}, outside the image root {root}{more}; "
+            "pass --follow-symlinks to use such images anyway"
+        )
 
 
 @contextmanager

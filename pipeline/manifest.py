@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import __version__
+from pipeline.ledger.costs import Spent
 from pipeline.outputs import MANIFEST
-from pipeline.records import Prompt
 
 if TYPE_CHECKING:
-    from pipeline.runner import Prepared
     from pipeline.stats import RunStats
 
 
@@ -65,42 +64,29 @@ def base_manifest(previous: dict[str, Any] | None) -> dict[str, Any]:
 
 
 class ManifestKeeper:
-    """Builds manifest.json from the config and the counters; only the writer task calls `save`."""
+    """Keeps manifest.json: what the run is (`facts`, fixed at start) and the counters as it goes.
 
-    def __init__(self, prep: "Prepared", stats: "RunStats") -> None:
-        cfg = prep.cfg
-        self.prep = prep
+    The runner describes the run (`facts`: index, inputs, prompts, model, limits, price); the keeper adds
+    the history, the state and the counters. Only the writer's heartbeat and the run's end call `save`.
+    """
+
+    def __init__(self, out_dir: Path, facts: dict[str, Any], stats: "RunStats", cost_before: float,
+                 previous: dict[str, Any] | None = None) -> None:
+        self.out_dir = Path(out_dir)
         self.stats = stats
-        previous = read_manifest(cfg.out)
+        self.cost_before = cost_before
         self.data = base_manifest(previous)
-        self.data.update({
-            "index": str(Path(cfg.index).resolve()),
-            "root": str(prep.index.root),
-            "index_images": len(prep.index.entries),
-            "work_items_total": prep.total,
-            "out": str(Path(cfg.out).resolve()),
-            "prompts": [
-                {"name": p.name, "path": str(p.path) if p.path else None, "sha256": _sha(p)} for p in prep.prompts
-            ],
-            "backend": cfg.model.backend,
-            "model": cfg.model.model,
-            "base_url": cfg.model.base_url,
-            "detail": cfg.model.detail,
-            "max_tokens": cfg.model.max_tokens,
-            "temperature": cfg.model.temperature,
-            "captions_per_image": cfg.model.captions_per_image,
-            "batch_size": cfg.batch_size,
-            "concurrency": cfg.limits.concurrency,
-            "rpm": cfg.limits.rpm,
-            "tpm": cfg.limits.tpm,
-            "max_cost": cfg.limits.max_cost,
-            "max_attempts": cfg.limits.max_attempts,
-            "price": {"model": prep.price.model, "input": prep.price.input, "output": prep.price.output,
-                      "cached_input": prep.price.cached_input},
-            "cost_usd_before": round(prep.resume.cost_usd, 8),
-            "stop_reason": None,
-            "repaired": prep.resume.repaired,
-        })
+        if previous and isinstance(previous.get("changes"), list):
+            self.data["changes"] = list(previous["changes"])
+        self.data.update(facts)
+        self.data.setdefault("stop_reason", None)
+        self.data["cost_usd_before"] = round(cost_before, 8)
+        self.data["run_id"] = stats.run_id
+
+    def record_changes(self, changes: list[dict[str, Any]]) -> None:
+        """--allow-changes: what changed, kept with the history of the folder."""
+        if changes:
+            self.data.setdefault("changes", []).append({"at": now_iso(), "changes": changes})
 
     def save(self, state: str | None = None) -> None:
         s = self.stats
@@ -119,11 +105,11 @@ class ManifestKeeper:
             "rate_limited": s.rate_limited,
         }
         d["tokens"] = {"input": s.tokens_in, "output": s.tokens_out}
-        d["cost_usd_this_run"] = round(s.cost_usd, 8)
-        d["cost_usd_total"] = round(self.prep.resume.cost_usd + s.cost_usd, 8)
+        d.update(cost_fields(Spent(self.cost_before, s.cost_before_unknown), s.spent_run, s.price_known,
+                             s.cost_unknown))
         d["stop_reason"] = s.stop_reason
         d["learned_limits"] = {"rpm": s.rpm_limit, "tpm": s.tpm_limit}
-        write_manifest(self.prep.cfg.out, d)
+        write_manifest(self.out_dir, d)
 
     def finish(self, state: str) -> None:
         self.data["runs"] = self.data.get("runs", []) + [{
@@ -132,12 +118,28 @@ class ManifestKeeper:
             "state": state,
             "captioned": self.stats.done,
             "failed": self.stats.failed_total,
-            "cost_usd": round(self.stats.cost_usd, 8),
+            "cost_usd": self.stats.spent_run.json_value(),
+            "run_id": self.stats.run_id,
         }]
         self.save(state)
 
 
-def _sha(p: Prompt) -> str:
-    import hashlib
+def cost_fields(before: Spent, this_run: Spent, price_known: bool, unknown_answers: int = 0) -> dict[str, Any]:
+    """The manifest's money: spent before this run, by this run, and the folder's total.
 
-    return hashlib.sha256(p.text.encode("utf-8")).hexdigest()[:16]
+    Each is a number when every billed row's cost is known, else null (never a false 0), with
+    `cost_usd_total_at_least` (the known part) and `cost_unknown_rows` beside it. Billed failures
+    (errors.csv) are in all three, as in `outputs.read_done`. `unknown_answers`: this run's answers of
+    unknown cost.
+    """
+    total = before + this_run
+    fields: dict[str, Any] = {
+        "price_known": price_known,
+        "cost_usd_before": before.json_value(),
+        "cost_usd_this_run": this_run.json_value(),
+        "cost_usd_total": total.json_value(),
+    }
+    if not total.complete:
+        fields["cost_usd_total_at_least"] = round(total.usd, 8)
+        fields["cost_unknown_rows"] = before.unknown + unknown_answers
+    return fields

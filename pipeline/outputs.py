@@ -4,9 +4,10 @@ Every CSV here is real CSV (the `csv` module, `newline=""`), UTF-8 with a BOM so
 captions correctly; readers open with `utf-8-sig` so the BOM never reaches a column name. Rows are
 written whole and terminated by `\\r\\n`; captions keep their own `\\n` inside quoted fields.
 
-`read_table` is also the crash repair: a writer killed mid-row leaves a torn tail (a record without its
-terminator, or a quoted field never closed). `read_table(..., repair=True)` keeps every whole row that
-parses, truncates the file right after the last one, and reports how many bytes it cut.
+`read_table` is also the repair: a writer killed mid-row leaves a torn tail (a record without its
+terminator, or a quoted field never closed); a hand edit can damage a row in the middle. Only the bad
+bytes are given up: `read_table(..., repair=True)` moves them to `<name>.rejected` and keeps every good
+row byte for byte (see `pipeline.ledger.csvscan` and `pipeline.ledger.quarantine`).
 """
 
 from __future__ import annotations
@@ -14,11 +15,16 @@ from __future__ import annotations
 import csv
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from pipeline.errors import OutputError
+from pipeline.ledger import csvscan, quarantine
+from pipeline.ledger.cells import cost_cell, cost_value
+from pipeline.ledger.cells import float_cell as _float
+from pipeline.ledger.cells import int_cell as _int
+from pipeline.ledger.costs import Spent, rows_spent
 from pipeline.records import AttributeRow, CaptionRow, ErrorRow
 
 CAPTIONS_ALL = "captions_all.csv"
@@ -76,27 +82,18 @@ ENCODING_READ = "utf-8-sig"
 LINE_END = "\r\n"
 
 
+def output_csv_names(out_dir: Path) -> list[str]:
+    """The CSV files of a folder that hold finished answers: captions_all.csv, attributes.csv, the parts."""
+    parts = sorted(p.name for p in Path(out_dir).glob(PART_GLOB)) if Path(out_dir).is_dir() else []
+    return [CAPTIONS_ALL, ATTRIBUTES, *parts]
+
+
 def part_name(position: int, batch_size: int) -> str:
     """The part file of the image at index position `position`: part k holds [k*B, (k+1)*B)."""
     return PART_PATTERN.format(position // batch_size)
 
 
 # --- rows <-> CSV records ----------------------------------------------------------------------------
-
-def cost_cell(cost: float | None) -> str:
-    """A cost as written: 8 decimals, or an empty cell when the price is unknown (never a false $0)."""
-    return "" if cost is None else f"{cost:.8f}"
-
-
-def cost_value(text: str | None) -> float | None:
-    """A cost cell read back: None for an empty (unknown) cell."""
-    if text in (None, ""):
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
 
 def caption_record(row: CaptionRow) -> list[str]:
     return [
@@ -131,20 +128,6 @@ def error_record(row: ErrorRow) -> list[str]:
         cost_cell(row.cost_usd),
         row.run_id,
     ]
-
-
-def _int(value: str | None, default: int = 0) -> int:
-    try:
-        return int(value) if value not in (None, "") else default
-    except ValueError:
-        return default
-
-
-def _float(value: str | None, default: float = 0.0) -> float:
-    try:
-        return float(value) if value not in (None, "") else default
-    except ValueError:
-        return default
 
 
 def caption_from_dict(d: dict[str, str]) -> CaptionRow:
@@ -226,32 +209,26 @@ def to_csv_text(records: Iterable[list[str]]) -> str:
     return buf.getvalue()
 
 
-# --- reading, with torn-tail repair ---------------------------------------------------------------
+# --- reading, with quarantine of damage ---------------------------------------------------------------
 
 @dataclass
 class Table:
     header: list[str]
     rows: list[dict[str, str]]
     cut_bytes: int = 0  # bytes of torn tail removed (repair=True) or ignored (repair=False)
-    bad_rows: int = 0  # whole records with the wrong number of fields, skipped
-
-
-def _lines_with_offsets(data: bytes) -> Iterator[tuple[str, int]]:
-    """Yield (line text, byte offset just after it), splitting on b"\\n" only (never on a lone \\r)."""
-    start = 0
-    n = len(data)
-    while start < n:
-        nl = data.find(b"\n", start)
-        end = n if nl < 0 else nl + 1
-        yield data[start:end].decode("utf-8", errors="replace"), end
-        start = end
+    bad_rows: int = 0  # rows in damaged regions: moved to <name>.rejected (repair=True) or skipped
+    notes: list[str] = field(default_factory=list)  # repair=True: one line saying what was moved where
+    damaged_lines: list[tuple[int, int]] = field(default_factory=list)  # (first, last) physical lines, 1-based
 
 
 def read_table(path: Path, *, repair: bool = False, expect_columns: list[str] | None = None) -> Table:
     """Read a CSV written by this package. Missing file -> empty table.
 
-    A record counts only if the csv module parsed it completely and it ended with a line terminator.
-    With `repair=True` a torn tail is cut off the file on disk, so the next append starts on a clean line.
+    A row counts only if it is whole (terminated), parses as strict CSV, has the header's width and its
+    typed columns hold their types (`pipeline.ledger.csvscan`). Anything else is a torn tail (the last
+    record, unfinished) or a damaged region, which never costs the good rows around it. With
+    `repair=True` the bad bytes are appended to `<name>.rejected` and the file is made whole on disk
+    (`pipeline.ledger.quarantine`); without it nothing on disk changes and the same good rows are returned.
     """
     path = Path(path)
     try:
@@ -260,54 +237,26 @@ def read_table(path: Path, *, repair: bool = False, expect_columns: list[str] | 
         return Table(header=list(expect_columns or []), rows=[])
     except OSError as exc:
         raise OutputError(f"cannot read {path}: {exc.strerror or exc}") from None
-    bom = b"\xef\xbb\xbf"
-    offset0 = len(bom) if data.startswith(bom) else 0
-    body = data[offset0:]
-
-    consumed = [0]
-
-    def feed() -> Iterator[str]:
-        for line, end in _lines_with_offsets(body):
-            consumed[0] = end
-            yield line
-
-    reader = csv.reader(feed(), strict=True)
-    header: list[str] | None = None
-    rows: list[dict[str, str]] = []
-    good_end = 0
-    bad = 0
-    try:
-        for rec in reader:
-            end = consumed[0]
-            if body[end - 1 : end] != b"\n":
-                break  # last record has no terminator: torn
-            if header is None:
-                header = rec
-                good_end = end
-                continue
-            if not rec:
-                good_end = end
-                continue
-            if len(rec) != len(header):
-                bad += 1
-                good_end = end
-                continue
-            rows.append(dict(zip(header, rec)))
-            good_end = end
-    except csv.Error:
-        pass  # unterminated quoted field at EOF: torn tail
-    if header is None:
-        # nothing whole, not even a header: treat the file as empty
-        good_end = 0
-        header = list(expect_columns or [])
-    if expect_columns is not None and header and header[: len(expect_columns)] != expect_columns[: len(header)]:
-        if not set(["image_id"]).issubset(header):
-            raise OutputError(f"{path} is not a reid-prompt CSV (columns: {', '.join(header[:6])})")
-    cut = len(body) - good_end
-    if cut and repair:
-        with open(path, "r+b") as fh:
-            fh.truncate(offset0 + good_end if good_end else 0)
-    return Table(header=header, rows=rows, cut_bytes=cut, bad_rows=bad)
+    found = csvscan.scan(data)
+    if found.header is not None and "image_id" not in found.header and (expect_columns is not None or repair):
+        raise OutputError(f"{path} is not a reid-prompt CSV (no image_id column; columns: {', '.join(found.header[:6])})")
+    header = found.header if found.header is not None else list(expect_columns or [])
+    rows = [dict(zip(header, rec)) for rec in found.records]
+    notes: list[str] = []
+    if repair and not found.clean:
+        try:
+            quarantine.quarantine(path, data, found)
+        except OSError as exc:
+            raise OutputError(f"cannot repair {path}: {exc.strerror or exc}") from None
+        notes.append(quarantine.describe(path.name, found) or "")
+    return Table(
+        header=header,
+        rows=rows,
+        cut_bytes=found.torn.size if found.torn else 0,
+        bad_rows=found.damaged_rows,
+        notes=notes,
+        damaged_lines=[(r.first_line, r.last_line) for r in found.damaged],
+    )
 
 
 Key = tuple[str, str, int]  # (image_id, prompt_name, caption_index)
@@ -317,17 +266,27 @@ Key = tuple[str, str, int]  # (image_id, prompt_name, caption_index)
 class DoneRead:
     """What an output folder already holds: the work items done, and what they cost.
 
-    Done means a row in captions_all.csv or, for structured prompts, in attributes.csv. The writer reads
-    this on start (resume), and status and the dry-run read it too, so all three count alike.
+    Done means a row in captions_all.csv or, for structured prompts, in attributes.csv; errors.csv rows
+    are never done (they are retried) but their billed answers are spent money, so `cost_usd` (and
+    `spent`) is the sum over captions, attributes *and* errors (see `pipeline.ledger.costs`). The writer
+    reads this on start (resume, the budget), and status and the dry-run read it too, so all count alike.
     """
 
     keys: set[Key]
     images: set[str]
-    cost_usd: float
+    cost_usd: float  # known part of the folder's spent total (captions + attributes + errors)
     caption_rows: list[dict[str, str]]  # captions_all.csv, whole rows only
     attribute_rows: int
     cut_bytes: dict[str, int]  # file name -> torn tail cut (repair) or skipped
     bad_rows: int
+    cost_unknown: int = 0  # billed rows whose cost cell is empty (price unknown when they were written)
+    errors_cost_usd: float = 0.0  # the part of cost_usd paid for answers that are in errors.csv
+    error_rows: list[dict[str, str]] = field(default_factory=list)  # errors.csv, whole rows only
+
+    @property
+    def spent(self) -> "Spent":
+        """The folder's spent total as a `Spent` (known amount, rows of unknown cost)."""
+        return Spent(self.cost_usd, self.cost_unknown)
 
     @property
     def rows(self) -> int:
@@ -339,21 +298,30 @@ def read_done(out_dir: Path, *, repair: bool = False, attributes: bool = True) -
     out_dir = Path(out_dir)
     captions = read_table(out_dir / CAPTIONS_ALL, repair=repair, expect_columns=CAPTION_COLUMNS)
     done = DoneRead(set(), set(), 0.0, captions.rows, 0, {CAPTIONS_ALL: captions.cut_bytes}, captions.bad_rows)
+    spent = rows_spent(captions.rows)
     for d in captions.rows:
         row = caption_from_dict(d)
         done.keys.add(row.key)
         done.images.add(row.image_id)
-        done.cost_usd += row.cost_usd or 0.0
     if attributes:
         attrs = read_table(out_dir / ATTRIBUTES, repair=repair)
         for d in attrs.rows:
             image_id = d.get("image_id", "")
             done.keys.add((image_id, d.get("prompt_name") or "", _int(d.get("caption_index"))))
             done.images.add(image_id)
-            done.cost_usd += _float(d.get("cost_usd"))
+        spent += rows_spent(attrs.rows)
         done.attribute_rows = len(attrs.rows)
         done.cut_bytes[ATTRIBUTES] = attrs.cut_bytes
         done.bad_rows += attrs.bad_rows
+    # errors.csv is append-only across runs: its billed answers (refused, empty, invalid) are spent money
+    errors = read_table(out_dir / ERRORS, repair=repair, expect_columns=ERROR_COLUMNS)
+    errors_spent = rows_spent(errors.rows)
+    spent += errors_spent
+    done.error_rows = errors.rows
+    done.errors_cost_usd = errors_spent.usd
+    done.cut_bytes[ERRORS] = errors.cut_bytes
+    done.bad_rows += errors.bad_rows
+    done.cost_usd, done.cost_unknown = spent.usd, spent.unknown
     return done
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "lookup",
     "resolve_price",
     "cost_usd",
+    "row_cost",
 ]
 
 # The repository's config/ next to the package (the project is installed editable).
@@ -40,7 +41,8 @@ class ModelPrice:
     """USD per 1M tokens for one model, and how it counts image tokens.
 
     `known` is False when the prices are a guess (an unknown model without full --price-in/--price-out
-    overrides): the caller warns once that costs read as zero.
+    overrides): its rows get an empty cost cell (`row_cost` is None), every view says "cost unknown", and
+    `--max-cost` is refused, so an unpriced fine-tune is never taken for free.
     """
 
     model: str
@@ -186,3 +188,8 @@ def cost_usd(price: ModelPrice, usage: Usage) -> float:
     return (
         uncached * price.input + cached * price.cached_input + max(0, usage.completion_tokens) * price.output
     ) / 1_000_000
+
+
+def row_cost(price: ModelPrice, usage: Usage) -> float | None:
+    """The cost a row records: `cost_usd`, or None when the price is unknown (an empty cell, never $0)."""
+    return cost_usd(price, usage) if price.known else None

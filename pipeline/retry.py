@@ -55,10 +55,10 @@ class RetryPolicy:
 class Decision:
     """What the worker does next. `reason` is always the `ErrorKind` value (a short code for errors.csv)."""
 
-    action: Literal["retry", "give_up", "stop_run"]
+    action: Literal["retry", "give_up", "stop_run", "wait_outage"]
     wait_s: float = 0.0
     reason: str = ""
-    pause_pool: bool = False  # a 429: every worker waits `wait_s`, not just this one
+    pause_pool: bool = False  # a 429 or an outage: every worker waits, not just this one
 
 
 # Kinds after which every further request of the run is pointless.
@@ -91,6 +91,9 @@ def decide(
     `rand` in [0, 1) is drawn by the caller so tests are deterministic.
 
     - AUTH, PERMISSION, NOT_FOUND, QUOTA -> stop_run: no other image can succeed either.
+    - UNREACHABLE -> wait_outage with `pause_pool`, whatever the attempt: no connection was made, so the
+      attempt says nothing about the image and is not spent; the run waits out the outage
+      (`pipeline.outage`) and gives up on the server, not on images.
     - BAD_REQUEST, TOO_LARGE -> give_up at once: this image can never succeed.
     - REFUSED, EMPTY, INVALID -> one more try after a short wait, then give_up.
     - RATE_LIMIT -> retry with `pause_pool`: wait what the server asked for (retry-after-ms, retry-after,
@@ -105,6 +108,8 @@ def decide(
     reason = kind.value
     if kind in _STOP_RUN:
         return Decision("stop_run", reason=reason)
+    if kind is ErrorKind.UNREACHABLE:
+        return Decision("wait_outage", reason=reason, pause_pool=True)
     if kind in _NEVER:
         return Decision("give_up", reason=reason)
     if kind in _ONCE_MORE:

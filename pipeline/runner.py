@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import anyio
@@ -35,21 +36,27 @@ from rich.console import Console
 from pipeline.attributes import AttributeValidationError, field_names, response_format, validate_answer
 from pipeline.backends.base import APIFailure, Backend, ErrorKind, ModelReply, ModelRequest
 from pipeline.config import RunConfig
-from pipeline.errors import ConfigError, FatalAPIError, ImageError
+from pipeline.errors import ConfigError, FatalAPIError, ImageError, ServerUnreachableError
 from pipeline.images import payload_from_bytes, read_bytes
 from pipeline.index import LoadedIndex, load_index
 from pipeline.limits import RateLimiter
 from pipeline.manifest import now_iso
-from pipeline.pricing import ModelPrice, cost_usd, load_pricing, resolve_price
+from pipeline.ledger.costs import budget_refusal, new_run_id, price_warning, retried_reason
+from pipeline.pricing import ModelPrice, cost_usd, load_pricing, resolve_price, row_cost
 from pipeline.prompts import billed_text, load_prompts, render_prompt
 from pipeline.records import AttributeRow, CaptionRow, ErrorRow, IndexEntry, Prompt, Usage
 from pipeline.retry import RetryPolicy, decide
 from pipeline.stats import RunStats, Snapshot
 from pipeline.tokens import estimate_request
 from pipeline.control import Controller, signal_handlers, watch_until
+from pipeline.outage import DEFAULT_BASE_URL, OutagePolicy, OutageTracker, cannot_reach_message, watch_outages
 from pipeline.dispatch import Dispatcher, Job, count_work, plan_jobs
-from pipeline.manifest import ManifestKeeper
-from pipeline.writer import OutputWriter, ResumeState, Result, writer_task
+from pipeline.ledger.inputs import Change, Inputs, check_inputs, current_inputs, fingerprint_file, folder_has_rows
+from pipeline.ledger.lock import FolderLock
+from pipeline.manifest import ManifestKeeper, read_manifest
+from pipeline.outputs import output_csv_names
+from pipeline.ledger.appendfile import describe_write_error
+from pipeline.writer import HoldPolicy, OutputWriter, ResumeState, Result, writer_task
 
 JOB_BUFFER = 0  # the dispatcher hands a job over only when a worker is free: retries stay fresh
 INLINE_DECODE_BYTES = 512 * 1024  # smaller images are checked on the loop (cheaper than a thread hop)
@@ -73,14 +80,59 @@ class Context:
     answers: int = 0
     answered_cost: float = 0.0
     rng: random.Random = field(default_factory=random.Random)
+    outage: OutageTracker | None = None  # can the server be reached (pipeline.outage); None: stop at once
 
 
-def error_rows(job: Job, reason: str, detail: str) -> list[Result]:
+@dataclass(frozen=True)
+class Billed:
+    """An answer the server billed that is no caption (refused, empty, invalid): who answered, what usage."""
+
+    model: str
+    usage: Usage
+
+
+def error_rows(
+    job: Job,
+    reason: str,
+    detail: str,
+    *,
+    run_id: str = "",
+    model: str = "",
+    billed: Billed | None = None,
+    price: ModelPrice | None = None,
+) -> list[Result]:
+    """errors.csv rows for every slot of `job`; a billed answer's usage and cost are shared among them.
+
+    The usage is split like a caption answer's (`split_usage`), so the rows' costs add up to exactly
+    the answer's cost; an unknown price leaves the cost cells empty. Unbilled failures cost 0.
+    """
     ts = now_iso()
-    return [
-        ErrorRow(job.entry.image_id, reason, detail, job.attempts, ts, job.prompt.name, i, position=job.entry.position)
-        for i in job.indices
-    ]
+    parts = split_usage(billed.usage, len(job.indices)) if billed is not None else [Usage()] * len(job.indices)
+    rows: list[Result] = []
+    for i, u in zip(job.indices, parts):
+        cost: float | None = 0.0
+        if billed is not None and price is not None:
+            cost = row_cost(price, u)
+        rows.append(ErrorRow(
+            job.entry.image_id, reason, detail, job.attempts, ts, job.prompt.name, i,
+            model=billed.model if billed is not None else model,
+            prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, cost_usd=cost,
+            run_id=run_id, position=job.entry.position,
+        ))
+    return rows
+
+
+def _error_rows(ctx: "Context", job: Job, reason: str, detail: str, billed: Billed | None = None) -> list[Result]:
+    return error_rows(job, reason, detail, run_id=ctx.stats.run_id, model=ctx.cfg.model.model, billed=billed,
+                      price=ctx.price)
+
+
+def sum_usage(usages: list[Usage]) -> Usage:
+    return Usage(
+        prompt_tokens=sum(u.prompt_tokens for u in usages),
+        completion_tokens=sum(u.completion_tokens for u in usages),
+        cached_tokens=sum(u.cached_tokens for u in usages),
+    )
 
 
 def split_usage(usage: Usage, parts: int) -> list[Usage]:
@@ -119,7 +171,7 @@ async def process(ctx: Context, job: Job) -> list[Result]:
     except ImageError as exc:
         disp.finished(job)
         stats.failed(exc.reason, len(job.indices))
-        return error_rows(job, exc.reason, exc.detail)
+        return error_rows(job, exc.reason, exc.detail, run_id=stats.run_id)
 
     if not ctx.n_supported and len(job.indices) > 1:
         for i in job.indices[1:]:
@@ -168,13 +220,19 @@ async def process(ctx: Context, job: Job) -> list[Result]:
     try:
         reply = await ctx.backend.caption(request)
     except APIFailure as failure:
+        if failure.status is not None and ctx.outage is not None:
+            ctx.outage.heard_from_server()  # any HTTP answer: the server is there
         ctx.limiter.observe_headers(failure.headers)
         ctx.limiter.correct(reservation, tpm_charge(failure.kind, failure.usage, reserve, est.output_tokens))
-        if failure.usage is not None:
+        billed = None
+        if failure.usage is not None:  # answered and billed, but no caption (refused, empty)
             _account(ctx, failure.usage)
-        return handle_failure(ctx, job, failure.kind, failure.message, failure.headers)
+            billed = Billed(failure.model or cfg.model.model, failure.usage)
+        return handle_failure(ctx, job, failure.kind, failure.message, failure.headers, billed)
     finally:
         ctx.inflight_cost -= guess
+    if ctx.outage is not None:
+        ctx.outage.heard_from_server()
     ctx.limiter.observe_headers(reply.headers)
     ctx.limiter.correct(reservation, tpm_charge(None, reply.usage, reserve, est.output_tokens))
     return handle_reply(ctx, job, prompt_text, reply)
@@ -195,19 +253,28 @@ def tpm_charge(kind: ErrorKind | None, usage: Usage | None, reserved: int, max_o
     return reserved
 
 
-def _account(ctx: Context, usage: Usage) -> float:
-    cost = cost_usd(ctx.price, usage)
+def _account(ctx: Context, usage: Usage) -> float | None:
+    """Count one billed answer (caption or not) in the run's spending; its row cost (None: price unknown)."""
+    cost = row_cost(ctx.price, usage)
     ctx.stats.usage(usage.prompt_tokens, usage.completion_tokens, cost)
     ctx.answers += 1
-    ctx.answered_cost += cost
+    ctx.answered_cost += cost_usd(ctx.price, usage)
     return cost
 
 
 SOFT_KINDS = frozenset({ErrorKind.REFUSED, ErrorKind.EMPTY, ErrorKind.INVALID})
 
 
-def handle_failure(ctx: Context, job: Job, kind: ErrorKind, message: str, headers) -> list[Result]:
-    """Apply the retry policy to `job` after a failed attempt: retry later, record it, or stop the run."""
+def handle_failure(
+    ctx: Context, job: Job, kind: ErrorKind, message: str, headers, billed: Billed | None = None
+) -> list[Result]:
+    """Apply the retry policy to `job` after a failed attempt: retry later, record it, or stop the run.
+
+    `billed`: the attempt was answered and paid for (a refused, empty or invalid answer). Its cost goes on
+    the books now, in exactly one errors.csv row per slot: the failure row if the item fails here, else a
+    `<kind>_retried` row (see `pipeline.ledger.costs`), so a retry that later succeeds, a stop, or a
+    crash before the retry loses none of it.
+    """
     stats, disp = ctx.stats, ctx.dispatcher
     if kind is ErrorKind.RATE_LIMIT:
         stats.got_429()
@@ -217,23 +284,47 @@ def handle_failure(ctx: Context, job: Job, kind: ErrorKind, message: str, header
         job.soft_failures += 1
     attempt = job.soft_failures if soft and job.attempts < ctx.policy.max_attempts else job.attempts
     decision = decide(kind, attempt, headers, ctx.policy, ctx.rng.random())
+    if decision.action == "wait_outage":
+        return wait_outage(ctx, job, message)
     if decision.pause_pool and decision.wait_s > 0:
         ctx.limiter.pause(decision.wait_s)
         stats.paused_until = ctx.limiter.paused_until
+    paid = [] if billed is None else _error_rows(ctx, job, retried_reason(kind.value), message, billed)
     if decision.action == "retry" and not ctx.controller.stopping:
         stats.retry()
         disp.reschedule(job, decision.wait_s)
-        return []
+        return paid
     if decision.action == "stop_run":
         ctx.controller.fail(FatalAPIError(_fatal_message(kind, message, ctx.cfg)))
         disp.abandon(job)
-        return []
+        return paid
     if decision.action == "retry":  # stopping: leave it for the next run
         disp.abandon(job)
-        return []
+        return paid
     disp.finished(job)
     stats.failed(kind.value, len(job.indices))
-    return error_rows(job, kind.value, message)
+    return _error_rows(ctx, job, kind.value, message, billed)
+
+
+def wait_outage(ctx: Context, job: Job, why: str) -> list[Result]:
+    """No connection could be made: the attempt is not spent and nothing goes to errors.csv.
+
+    Before the server's first answer in this run the address is wrong or the server is down: stop now
+    (exit 3). After it, the pool waits at the gate while `watch_outages` probes; the job goes back in line.
+    """
+    job.attempts -= 1
+    outage, disp = ctx.outage, ctx.dispatcher
+    if outage is None or not outage.heard:
+        url = outage.url if outage is not None else (ctx.cfg.model.base_url or DEFAULT_BASE_URL)
+        ctx.controller.fail(ServerUnreachableError(cannot_reach_message(url, why)))
+        disp.abandon(job)
+        return []
+    outage.unreachable(why)
+    if ctx.controller.stopping:
+        disp.abandon(job)
+    else:
+        disp.reschedule(job, 0.0)  # it waits at the gate, with every other request
+    return []
 
 
 def _fatal_message(kind: ErrorKind, message: str, cfg: RunConfig) -> str:
@@ -262,13 +353,15 @@ def handle_reply(ctx: Context, job: Job, prompt_text: str, reply: ModelReply) ->
     usages = split_usage(reply.usage, len(filled))
     rows: list[Result] = []
     bad: list[tuple[int, ErrorKind, str]] = []
+    bad_usage: list[Usage] = []  # the invalid answers' share of the bill: it goes on their error rows
     for (idx, text), u in zip(filled, usages):
-        cost = cost_usd(ctx.price, u)
+        cost = row_cost(ctx.price, u)
         if job.prompt.schema is not None:
             try:
                 fields = validate_answer(text, job.prompt.schema)
             except AttributeValidationError as exc:
                 bad.append((idx, ErrorKind.INVALID, f"{exc.reason}: {exc.detail}"))
+                bad_usage.append(u)
                 continue
             rows.append(AttributeRow(
                 job.entry.image_id, job.prompt.name, fields, ts, reply.model, u.prompt_tokens,
@@ -295,7 +388,9 @@ def handle_reply(ctx: Context, job: Job, prompt_text: str, reply: ModelReply) ->
     if failed:
         kind, why = (bad[0][1], bad[0][2]) if bad else reply.rejected[0]
         rest = disp.adopt(Job(job.entry, job.prompt, failed, job.attempts, job.soft_failures))
-        out += handle_failure(ctx, rest, kind, why, reply.headers)
+        # refused choices' tokens are already on the caption rows (the usage is split over the texts)
+        billed = Billed(reply.model, sum_usage(bad_usage)) if bad_usage else None
+        out += handle_failure(ctx, rest, kind, why, reply.headers, billed)
     disp.finished(job)
     return out
 
@@ -337,6 +432,14 @@ class Prepared:
     total: int
     skipped: int
     api_key: str | None = field(default=None, repr=False)
+    lock: FolderLock | None = None  # held from prepare() to the end of run_prepared()
+    inputs: Inputs | None = None
+    accepted_changes: list[Change] = field(default_factory=list)  # --allow-changes
+    previous_manifest: dict | None = None
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
 
 @dataclass
@@ -347,6 +450,7 @@ class RunResult:
     fatal: FatalAPIError | None = None
     repaired: list[str] = field(default_factory=list)
     abandoned: int = 0
+    held: int = 0  # answers that went to a pending file instead of the CSV files (merged on next start)
 
 
 def resolve_api_key(cfg: RunConfig) -> str | None:
@@ -357,26 +461,41 @@ def resolve_api_key(cfg: RunConfig) -> str | None:
         raise ConfigError(
             "OPENAI_API_KEY is not set: export your key (or use --backend offline to rehearse without one)"
         )
-    return key.strip()
+    key = key.strip()
+    problem = key_problem(key)
+    if problem:
+        raise ConfigError(f"OPENAI_API_KEY {problem}: copy the key again (the key itself is not shown)")
+    return key
+
+
+def key_problem(key: str) -> str | None:
+    """Why a key cannot go into an HTTP header (None if it can), without ever quoting the key.
+
+    A key pasted with a stray newline, a non-breaking space or smart quotes would otherwise fail deep in
+    the HTTP library with a traceback that may print the header, key included.
+    """
+    for i, ch in enumerate(key):
+        if ord(ch) > 126:
+            return f"holds a non-ASCII character at position {i + 1}"
+        if ord(ch) < 32 or ord(ch) == 127:
+            return f"holds a control character at position {i + 1}"
+        if ch == " ":
+            return f"holds a space at position {i + 1}"
+    return None
 
 
 def prepare(cfg: RunConfig, *, readonly: bool = False) -> Prepared:
     """All the checks that must pass before any request is paid for, in the order a user fixes them.
 
-    `readonly` (dry-run): needs no key and changes nothing on disk (no repair, errors.csv kept).
+    `readonly` (dry-run): needs no key, takes no lock and changes nothing on disk (no repair).
+    Otherwise the output folder's lock is taken before anything in it is read or repaired, and held
+    until `run_prepared` ends (or released here if a check fails).
     """
     api_key = None if readonly else resolve_api_key(cfg)
     prompts = load_prompts(cfg.prompt_files, cfg.prompts_dir)
     if cfg.model.backend == "offline" and any(p.schema is not None for p in prompts):
         raise ConfigError("the offline backend cannot answer structured (JSON schema) prompts")
-    index = load_index(cfg.index, cfg.root)
-    positions = {e.image_id: e.position for e in index.entries}
-    attr_fields: list[str] = []
-    for p in prompts:
-        if p.schema is not None:
-            attr_fields += [f for f in field_names(p.schema) if f not in attr_fields]
-    writer = OutputWriter(cfg.out, cfg.batch_size, positions, attr_fields)
-    resume = writer.read_done() if readonly else writer.open()
+    index = load_index(cfg.index, cfg.root, follow_symlinks=cfg.follow_symlinks)
     table = load_pricing()
     if cfg.model.backend == "offline":
         price = resolve_price(table, cfg.model.model, 0.0, 0.0, 0.0)
@@ -384,8 +503,53 @@ def prepare(cfg: RunConfig, *, readonly: bool = False) -> Prepared:
         price = resolve_price(
             table, cfg.model.model, cfg.prices.price_in, cfg.prices.price_out, cfg.prices.price_cached_in
         )
-    total, skipped = count_work(index.entries, prompts, cfg.model.captions_per_image, resume.done)
-    return Prepared(cfg, index, prompts, writer, resume, price, total, skipped, api_key)
+    if cfg.limits.max_cost is not None and not price.known:
+        # a budget cannot be kept at an unknown price: refused before anything is sent (exit 2)
+        raise ConfigError(budget_refusal(cfg.model.model, _pricing_name(table)))
+    lock = None if readonly else FolderLock(cfg.out)
+    if lock is not None:
+        lock.acquire()
+    try:
+        previous = read_manifest(cfg.out)
+        inputs = run_inputs(cfg, index, prompts)
+        check = check_inputs(
+            previous, inputs, has_rows=folder_has_rows(cfg.out, output_csv_names(cfg.out)),
+            allow_changes=cfg.allow_changes, out_dir=cfg.out,
+        )
+        positions = {e.image_id: e.position for e in index.entries}
+        attr_fields: list[str] = []
+        for p in prompts:
+            if p.schema is not None:
+                attr_fields += [f for f in field_names(p.schema) if f not in attr_fields]
+        writer = OutputWriter(cfg.out, cfg.batch_size, positions, attr_fields)
+        resume = writer.read_done() if readonly else writer.open(previous_batch_size=previous_batch_size(previous))
+        resume.repaired[:0] = check.notes
+        total, skipped = count_work(index.entries, prompts, cfg.model.captions_per_image, resume.done)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return Prepared(cfg, index, prompts, writer, resume, price, total, skipped, api_key,
+                    lock=lock, inputs=inputs, accepted_changes=check.accepted, previous_manifest=previous)
+
+
+def previous_batch_size(manifest: dict | None) -> int | None:
+    """The --batch-size the folder's parts were split by (None if unknown): a change re-splits them."""
+    value = (manifest or {}).get("batch_size")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def run_inputs(cfg: RunConfig, index: LoadedIndex, prompts: list[Prompt]) -> Inputs:
+    """What this run's rows will be made from (compared with the folder's, recorded in the manifest)."""
+    try:
+        fingerprint = fingerprint_file(Path(cfg.index))
+    except OSError:
+        fingerprint = None
+    return current_inputs(
+        root=index.root, dataset=index.dataset, index=fingerprint, prompts=prompts, model=cfg.model.model,
+        detail=cfg.model.detail, max_tokens=cfg.model.max_tokens,
+        captions_per_image=cfg.model.captions_per_image, backend=cfg.model.backend,
+    )
 
 
 def make_backend(cfg: RunConfig, api_key: str | None) -> Backend:
@@ -427,8 +591,11 @@ async def run_prepared(
 
     cfg = prep.cfg
     backend = backend or make_backend(cfg, prep.api_key)
+    spent_before = prep.resume.read.spent if prep.resume.read is not None else None
     stats = RunStats(total=prep.total, skipped=prep.skipped, concurrency=cfg.limits.concurrency,
-                     max_cost=cfg.limits.max_cost)
+                     max_cost=cfg.limits.max_cost, run_id=new_run_id(), price_known=prep.price.known,
+                     cost_before_usd=prep.resume.cost_usd,
+                     cost_before_unknown=spent_before.unknown if spent_before is not None else 0)
     limiter = RateLimiter(cfg.limits.rpm, cfg.limits.tpm, learn=cfg.model.backend == "openai", probe=True)
     stats.rpm_limit, stats.tpm_limit = limiter.rpm_limit, limiter.tpm_limit
     controller = Controller()
@@ -437,13 +604,17 @@ async def run_prepared(
     dispatcher = Dispatcher(plan, controller)
     ctx = Context(cfg, backend, limiter, RetryPolicy(max_attempts=cfg.limits.max_attempts), stats, prep.price,
                   controller, dispatcher)
+    ctx.outage = OutageTracker(controller.gate, cfg.model.base_url or DEFAULT_BASE_URL,
+                               OutagePolicy(timeout_s=cfg.limits.outage_timeout), stats=stats)
     if cfg.limits.max_cost is not None:
-        # the budget is for the output folder: what earlier runs spent there counts against it
+        # the budget is for the output folder: what earlier runs spent there counts against it, billed
+        # failures (errors.csv) included; rows of unknown cost cannot be counted (the price was unknown)
         ctx.budget_left = max(0.0, cfg.limits.max_cost - prep.resume.cost_usd)
         if ctx.budget_left <= 0:
             controller.request_stop("budget")
-    keeper = ManifestKeeper(prep, stats)
-    keeper.save("running")
+    keeper = ManifestKeeper(cfg.out, describe_run(prep), stats, prep.resume.cost_usd, prep.previous_manifest)
+    keeper.record_changes([asdict(c) for c in prep.accepted_changes])
+    workers = worker_count(cfg.limits.concurrency, prep.total - prep.skipped)
     view = make_view(stats, console, dashboard=cfg.dashboard, every_s=cfg.progress_every)
     finished = anyio.Event()
     work_done = anyio.Event()
@@ -459,7 +630,7 @@ async def run_prepared(
                 async with anyio.create_task_group() as wg:
                     task_status.started()
                     async with jobs_recv, results_send:
-                        for _ in range(cfg.limits.concurrency):
+                        for _ in range(workers):
                             wg.start_soon(worker, ctx, jobs_recv.clone(), results_send.clone())
                         wg.start_soon(dispatcher.run, jobs_send)
         finally:
@@ -467,38 +638,118 @@ async def run_prepared(
 
     async def writer_then_finish(results_recv) -> None:
         try:
-            await writer_task(prep.writer, results_recv, heartbeat=heartbeat)
+            hold = HoldPolicy(
+                limit=max(64, 2 * workers), retry_s=cfg.limits.hold_retry_s, final_s=cfg.limits.hold_final_s,
+                gate=controller.gate, interrupted=controller.interrupted,
+                on_warning=lambda line: setattr(stats, "write_warning", line),
+            )
+            await writer_task(prep.writer, results_recv, heartbeat=heartbeat, hold=hold)
         finally:
             finished.set()
 
     sig_ctx = signal_handlers(controller) if install_signals else nullcontext()
+    state = "interrupted"  # what the manifest says if the run ends by an exception of any kind
+    started = False
     try:
         with sig_ctx:
+            # "running" only once a signal can no longer kill the run between here and the end
+            keeper.save("running")
+            started = True
             async with anyio.create_task_group() as tg:
                 results_send, results_recv = anyio.create_memory_object_stream[list[Result]](
-                    max(8, cfg.limits.concurrency)
+                    max(8, workers)
                 )
                 tg.start_soon(writer_then_finish, results_recv)
                 await tg.start(work, results_send)
                 tg.start_soon(_view_loop, view, finished, 0.25)
                 tg.start_soon(watch_until, finished, controller, cfg.limits.grace_seconds, work_done)
+                tg.start_soon(watch_outages, ctx.outage, backend.reachable,
+                              lambda message: controller.fail(ServerUnreachableError(message)), finished)
+        state = final_state(controller)
     finally:
         with anyio.CancelScope(shield=True):
             await backend.aclose()
+        stats.stop_reason = controller.stop_reason
+        if started:
+            try:
+                keeper.finish(state)
+            except OSError as exc:  # informational; a full disk must not turn a finished run into an error
+                print(f"warning: manifest.json not updated: {describe_write_error(exc)}", file=sys.stderr)
+        prep.release()
+    return RunResult(state, stats.snapshot(), cfg.out, controller.fatal, prep.resume.repaired, dispatcher.abandoned,
+                     held=prep.writer.pending_answers + prep.writer.lost_answers)
+
+
+def final_state(controller: Controller) -> str:
+    """How the run ended, as the manifest and status name it."""
     if controller.fatal is not None:
-        state = "failed"
-    elif controller.stop_reason == "budget":
-        state = "budget"
-    elif controller.stopping:
-        state = "interrupted"
-    else:
-        state = "finished"
-    stats.stop_reason = controller.stop_reason
-    keeper.finish(state)
-    return RunResult(state, stats.snapshot(), cfg.out, controller.fatal, prep.resume.repaired, dispatcher.abandoned)
+        return "failed"
+    if controller.stop_reason == "budget":
+        return "budget"
+    if controller.stopping:
+        return "interrupted"
+    return "finished"
+
+
+MAX_WORKERS = 1024  # beyond this no server or rate limit is helped; the CLI caps --concurrency with a note
+
+
+def worker_count(concurrency: int, items_left: int) -> int:
+    """Workers to start: --concurrency, never more than the work items left (at least one)."""
+    return max(1, min(concurrency, MAX_WORKERS, items_left))
+
+
+def describe_run(prep: Prepared) -> dict:
+    """The manifest's fixed facts: what this run is made from and how it is driven (never the key)."""
+    cfg = prep.cfg
+    return {
+        "index": str(Path(cfg.index).resolve()),
+        "root": str(prep.index.root),
+        "dataset": prep.index.dataset,
+        "index_images": len(prep.index.entries),
+        "work_items_total": prep.total,
+        "out": str(Path(cfg.out).resolve()),
+        "inputs": prep.inputs.to_dict() if prep.inputs is not None else None,
+        "prompts": [
+            {"name": p.name, "path": str(p.path) if p.path else None, "sha256": p.fingerprint} for p in prep.prompts
+        ],
+        "backend": cfg.model.backend,
+        "model": cfg.model.model,
+        "base_url": cfg.model.base_url,
+        "detail": cfg.model.detail,
+        "max_tokens": cfg.model.max_tokens,
+        "temperature": cfg.model.temperature,
+        "captions_per_image": cfg.model.captions_per_image,
+        "batch_size": cfg.batch_size,
+        "concurrency": cfg.limits.concurrency,
+        "rpm": cfg.limits.rpm,
+        "tpm": cfg.limits.tpm,
+        "max_cost": cfg.limits.max_cost,
+        "max_attempts": cfg.limits.max_attempts,
+        "price": {"model": prep.price.model, "input": prep.price.input, "output": prep.price.output,
+                  "cached_input": prep.price.cached_input, "known": prep.price.known},
+        "repaired": prep.resume.repaired,
+    }
+
+
+def _pricing_name(table) -> str:
+    """config/pricing.toml as the user knows it (the file's folder and name)."""
+    source = getattr(table, "source", None)
+    return f"{source.parent.name}/{source.name}" if source is not None else "config/pricing.toml"
+
+
+def start_warnings(prep: Prepared) -> list[str]:
+    """One-line warnings a run starts with (printed before the first request)."""
+    warning = price_warning(prep.price.model, prep.price.known)
+    return [warning] if warning else []
 
 
 def run(cfg: RunConfig, *, console: Console | None = None) -> RunResult:
     """Check everything, then run the pipeline on a fresh event loop."""
     prep = prepare(cfg)
-    return anyio.run(lambda: run_prepared(prep, console=console))
+    try:
+        for warning in start_warnings(prep):
+            print(f"warning: {warning}", file=sys.stderr)
+        return anyio.run(lambda: run_prepared(prep, console=console))
+    finally:
+        prep.release()

@@ -8,6 +8,8 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
+from pipeline.ledger.costs import Spent, run_spent
+
 
 def _percentile(sorted_values: list[float], q: float) -> float | None:
     if not sorted_values:
@@ -46,6 +48,23 @@ class Snapshot:
     paused_s: float  # seconds the pool is still paused by a 429 (0 if not)
     stop_reason: str | None  # "interrupted" | "budget" | "fatal: ..." | None
     max_cost: float | None
+    cost_unknown: int = 0  # answers of this run whose cost is unknown (model without a price)
+    cost_before_usd: float = 0.0  # spent in the folder before this run (captions, attributes, errors)
+    cost_before_unknown: int = 0  # rows of unknown cost among them
+    price_known: bool = True  # False: the model has no price; this run's cost is unknown
+    outage_s: float | None = None  # seconds the server has been unreachable (pool held, probing); None if not
+    outage_why: str = ""  # "connection refused", "host name not found", ...
+    write_warning: str | None = None  # "captions_all.csv cannot be written: ...; holding N answers, retrying"
+
+    @property
+    def spent_run(self) -> Spent:
+        """This run's spending: every billed answer, caption or not (`cost_usd` is its known part)."""
+        return run_spent(self.cost_usd, self.cost_unknown, self.price_known)
+
+    @property
+    def spent_folder(self) -> Spent:
+        """The output folder's spending: earlier runs plus this one (what `--max-cost` counts)."""
+        return Spent(self.cost_before_usd, self.cost_before_unknown) + self.spent_run
 
     @property
     def remaining(self) -> int:
@@ -66,6 +85,10 @@ class RunStats:
     skipped: int = 0
     concurrency: int = 0
     max_cost: float | None = None
+    run_id: str = ""  # pipeline.ledger.costs.new_run_id(): on every errors.csv row and in the manifest
+    cost_before_usd: float = 0.0
+    cost_before_unknown: int = 0
+    price_known: bool = True
     window_s: float = 60.0
     keep_latencies: int = 2000
     keep_captions: int = 5
@@ -77,11 +100,15 @@ class RunStats:
     rate_limited: int = 0
     tokens_in: int = 0
     tokens_out: int = 0
-    cost_usd: float = 0.0
+    cost_usd: float = 0.0  # known part of what this run's answers cost (failures included)
+    cost_unknown: int = 0  # answers whose cost is unknown
     rpm_limit: float | None = None
     tpm_limit: float | None = None
     paused_until: float = 0.0  # time.monotonic() deadline of a pool-wide 429 pause
+    outage_since: float | None = None  # time.monotonic() the server became unreachable, while it holds the pool
+    outage_why: str = ""
     stop_reason: str | None = None
+    write_warning: str | None = None  # set by the writer while an output file cannot be written
     started: float = field(default_factory=time.monotonic)
     _latencies: deque = field(default_factory=deque)
     _done_times: deque = field(default_factory=deque)
@@ -100,10 +127,14 @@ class RunStats:
     def got_429(self) -> None:
         self.rate_limited += 1
 
-    def usage(self, tokens_in: int, tokens_out: int, cost: float) -> None:
+    def usage(self, tokens_in: int, tokens_out: int, cost: float | None) -> None:
+        """One billed answer (a caption or not). `cost` None: the price is unknown."""
         self.tokens_in += tokens_in
         self.tokens_out += tokens_out
-        self.cost_usd += cost
+        if cost is None:
+            self.cost_unknown += 1
+        else:
+            self.cost_usd += cost
         self._token_events.append((time.monotonic(), tokens_in + tokens_out))
 
     def captioned(self, image_id: str, caption: str, latency_s: float, n: int = 1) -> None:
@@ -122,6 +153,11 @@ class RunStats:
         self.failed_by_reason[reason] += n
 
     # --- reads ----------------------------------------------------------------------------------
+    @property
+    def spent_run(self) -> Spent:
+        """As `Snapshot.spent_run` (the manifest reads it from here)."""
+        return run_spent(self.cost_usd, self.cost_unknown, self.price_known)
+
     @property
     def failed_total(self) -> int:
         return sum(self.failed_by_reason.values())
@@ -142,7 +178,7 @@ class RunStats:
         lat = sorted(self._latencies)
         finished = self.done + self.failed_total
         projected = None
-        if finished > 0:
+        if finished > 0 and self.cost_unknown == 0 and self.price_known:
             # cost per finished item so far, times everything this run will have finished
             per_item = self.cost_usd / max(1, self.done)
             projected = self.cost_usd + per_item * max(0, self.total - self.skipped - finished)
@@ -173,4 +209,11 @@ class RunStats:
             paused_s=max(0.0, self.paused_until - now),
             stop_reason=self.stop_reason,
             max_cost=self.max_cost,
+            cost_unknown=self.cost_unknown,
+            cost_before_usd=self.cost_before_usd,
+            cost_before_unknown=self.cost_before_unknown,
+            price_known=self.price_known,
+            outage_s=None if self.outage_since is None else max(0.0, now - self.outage_since),
+            outage_why=self.outage_why,
+            write_warning=self.write_warning,
         )

@@ -25,17 +25,16 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from pipeline.dashboard import fmt_int, fmt_usd, percent, reasons_text
+from pipeline.dashboard import fmt_int, fmt_spent, percent, reasons_text
 from pipeline.errors import InputError, ReidPromptError
+from pipeline.ledger.costs import Spent, open_failures
 from pipeline.manifest import read_manifest
 from pipeline.outputs import (
     CAPTIONS_ALL,
-    ERROR_COLUMNS,
     ERRORS,
     MANIFEST,
     error_from_dict,
     read_done,
-    read_table,
 )
 
 STALE_AFTER_S = 120.0  # a running pipeline rewrites the manifest far more often than this
@@ -136,8 +135,8 @@ class StatusReport:
     images_total: int | None
     captioned: int  # distinct (image_id, prompt_name, caption_index) in captions_all.csv + attributes.csv
     images_captioned: int  # distinct image_ids with at least one answer
-    failed_by_reason: dict[str, int]  # errors.csv of the last run, items not captioned since
-    cost_usd: float  # sum of cost_usd over captions_all.csv + attributes.csv
+    failed_by_reason: dict[str, int]  # errors.csv (any run): items that failed and are not captioned since
+    cost_usd: float  # sum of cost_usd over captions_all.csv + attributes.csv + errors.csv (billed failures)
     updated_at: datetime | None = None
     started_at: datetime | None = None
     ended_at: datetime | None = None
@@ -151,6 +150,12 @@ class StatusReport:
     runs: int = 0
     torn_bytes: int = 0  # bytes of an incomplete last row (being written now, or torn by a crash)
     warnings: list[str] = field(default_factory=list)
+    cost_unknown: int = 0  # billed rows whose cost is unknown (written at an unknown price)
+    cost_errors_usd: float = 0.0  # the part of cost_usd paid for answers that were no caption (errors.csv)
+
+    @property
+    def spent(self) -> Spent:
+        return Spent(self.cost_usd, self.cost_unknown)
 
     @property
     def failed(self) -> int:
@@ -158,7 +163,7 @@ class StatusReport:
 
     @property
     def left(self) -> int | None:
-        """Work items neither captioned nor failed in the last run (failed ones are retried by the next run)."""
+        """Work items neither captioned nor failed (failed ones are retried by the next run)."""
         if self.total is None:
             return None
         return max(0, self.total - self.captioned - self.failed)
@@ -186,7 +191,10 @@ class StatusReport:
             "failed": self.failed,
             "failed_by_reason": dict(self.failed_by_reason),
             "left": self.left,
-            "cost_usd": round(self.cost_usd, 8),
+            "cost_usd": self.spent.json_value(),  # null when some billed rows have an unknown cost
+            "cost_usd_at_least": round(self.cost_usd, 8),
+            "cost_unknown_rows": self.cost_unknown,
+            "cost_usd_failures": round(self.cost_errors_usd, 8),
             "updated_at": iso(self.updated_at),
             "started_at": iso(self.started_at),
             "ended_at": iso(self.ended_at),
@@ -252,7 +260,7 @@ def _index_images(manifest: dict[str, Any], out_dir: Path, warnings: list[str]) 
     try:
         from pipeline.index import load_index
 
-        loaded = load_index(_resolve_index_path(raw, out_dir))
+        loaded = load_index(_resolve_index_path(raw, out_dir), follow_symlinks=True)
     except (ReidPromptError, OSError, ValueError, ImportError) as exc:
         warnings.append(f"index {raw} not readable ({_one_line(exc)}); totals from {MANIFEST}")
         return None
@@ -307,19 +315,15 @@ def collect_status(
     if manifest is not None and manifest.get("tool") not in (None, "reid-prompt"):
         warnings.append(f"{MANIFEST} was not written by reid-prompt (tool {manifest.get('tool')!r})")
 
-    done = read_done(out_dir)
+    done = read_done(out_dir)  # captions, attributes and errors.csv (its billed answers are spent money)
     keys = done.keys
-    errors = read_table(errors_path, repair=False, expect_columns=ERROR_COLUMNS)
-    last_reason: dict[Key, str] = {}
-    for d in errors.rows:
-        err = error_from_dict(d)
-        if err.key not in keys:
-            last_reason[err.key] = err.reason or "unknown"
+    # errors.csv is append-only across runs: failed = items with a failure row and no caption since
+    last_reason = open_failures((error_from_dict(d) for d in done.error_rows), keys)
     by_reason: dict[str, int] = {}
     for reason in last_reason.values():
         by_reason[reason] = by_reason.get(reason, 0) + 1
-    torn = sum(done.cut_bytes.values()) + errors.cut_bytes
-    bad = done.bad_rows + errors.bad_rows
+    torn = sum(done.cut_bytes.values())
+    bad = done.bad_rows
     if bad:
         warnings.append(f"{bad} malformed CSV rows skipped")
 
@@ -341,6 +345,8 @@ def collect_status(
         images_captioned=len(done.images),
         failed_by_reason=by_reason,
         cost_usd=done.cost_usd,
+        cost_unknown=done.cost_unknown,
+        cost_errors_usd=done.errors_cost_usd,
         updated_at=parse_time(m.get("updated_at")),
         started_at=parse_time(m.get("started_at")),
         ended_at=parse_time(m.get("ended_at")),
@@ -402,7 +408,10 @@ def render_status(report: StatusReport, console: Console) -> None:
         failed += f" ({reasons_text(report.failed_by_reason)})"
     t.add_row("failed", Text(failed, style="red" if report.failed else ""))
     t.add_row("left", "unknown" if report.left is None else fmt_int(report.left))
-    t.add_row("cost so far", fmt_usd(report.cost_usd))
+    cost = fmt_spent(report.spent)
+    if report.cost_errors_usd > 0:
+        cost += f" (of which answers that were no caption {fmt_spent(Spent(report.cost_errors_usd))})"
+    t.add_row("cost so far", cost)
     if report.runs:
         t.add_row("runs", fmt_int(report.runs))
     if report.state == "budget":

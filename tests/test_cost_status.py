@@ -78,7 +78,7 @@ def test_budget_stops_new_requests_and_rerun_carries_on(cli, server, api_env, bi
     # gpt-4o-mini low: ~2,900 input tokens ≈ $0.00045 per image; $0.02 buys ~40 images
     res = cli("run", "--index", big_index, "--out", out, "--prompt-file", prompt_file,
               "--base-url", server.base_url, "--no-dashboard", "--max-cost", "0.02", "--concurrency", 4)
-    assert res.code == 0, res.err
+    assert res.code == 4, res.err  # stopped by --max-cost
     assert "budget" in res.out
     m = manifest(out)
     assert m["state"] == "budget"
@@ -92,7 +92,7 @@ def test_budget_stops_new_requests_and_rerun_carries_on(cli, server, api_env, bi
     sent = server.stats.requests
     res = cli("run", "--index", big_index, "--out", out, "--prompt-file", prompt_file,
               "--base-url", server.base_url, "--no-dashboard", "--max-cost", "0.02")
-    assert res.code == 0 and server.stats.requests <= sent + 1
+    assert res.code == 4 and server.stats.requests <= sent + 1
     # a higher budget carries on to the end
     res = cli("run", "--index", big_index, "--out", out, "--prompt-file", prompt_file,
               "--base-url", server.base_url, "--no-dashboard", "--max-cost", "1.00")
@@ -105,7 +105,7 @@ def test_status_finished_partial_and_crashed(cli, server, api_env, big_index, pr
     out = tmp_path / "out"
     res = cli("run", "--index", big_index, "--out", out, "--prompt-file", prompt_file,
               "--base-url", server.base_url, "--no-dashboard", "--max-cost", "0.01")
-    assert res.code == 0
+    assert res.code == 4
     st = cli("status", "--out", out, "--json")
     assert st.code == 0, st.err
     partial = json.loads(st.out)

@@ -319,7 +319,7 @@ def test_export_folder_reads_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyP
     (tmp_path / "index.json").write_text("{}", encoding="utf-8")
     seen: list[Path] = []
 
-    def fake_load_index(path: Path, root: Path | None = None) -> SimpleNamespace:
+    def fake_load_index(path: Path, root: Path | None = None, **_: object) -> SimpleNamespace:
         seen.append(Path(path))
         return SimpleNamespace(entries=ENTRIES)
 

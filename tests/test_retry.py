@@ -65,6 +65,10 @@ CASES = [
       for k in (K.SERVER, K.TIMEOUT, K.CONNECTION, K.OTHER)],
     *[(k, 6, h, 0.5, Decision("give_up", reason=k.value))
       for k in (K.SERVER, K.TIMEOUT, K.CONNECTION, K.OTHER) for h in (NO_HEADERS, RA)],
+    # no connection at all: the run waits out the outage (pool held, probed); never an attempt spent,
+    # never given up per image, whatever the attempt count or headers
+    *[(K.UNREACHABLE, a, h, r, Decision("wait_outage", reason="unreachable", pause_pool=True))
+      for a in (1, 6, 1000) for h in (NO_HEADERS, RA) for r in (0.0, 1.0)],
     (K.SERVER, 1, {"retry-after": "0"}, 1.0, Decision("retry", wait_s=0.5, reason="server_error")),
     (K.SERVER, 1, HUGE_RA, 0.0, Decision("retry", wait_s=120.0, reason="server_error")),
 ]

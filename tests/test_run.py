@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import KEY, make_big_market, prepare_index, rows, spawn, wait_for_rows
-from pipeline.outputs import CAPTION_COLUMNS, ERROR_COLUMNS, read_table
+from pipeline.outputs import CAPTION_COLUMNS, ERROR_COLUMNS, read_table, write_csv_atomic
 from pipeline.testing import synth
 from pipeline.testing.loopback import expected_caption
 
@@ -94,6 +94,12 @@ def test_torn_tail_is_repaired_and_recaptioned(cli, server, api_env, market, pro
     torn = data[:last_start] + data[last_start:last_start + 40] + b'"half a caption\nwith a newline'
     all_csv.write_bytes(torn)
     assert len(read_table(all_csv).rows) == len(table) - 1
+    # captions_all.csv is written first: a crash in its write leaves the part without the row too
+    # (a part that still held it would give it back: see tests/test_ledger_recover.py)
+    lost = table[-1]["image_id"]
+    for part in out.glob("captions_part_*.csv"):
+        kept = [r for r in rows(part) if r["image_id"] != lost]
+        write_csv_atomic(part, CAPTION_COLUMNS, ([r[c] for c in CAPTION_COLUMNS] for r in kept))
     sent = server.stats.requests
     res = cli(*run_args(index, out, prompt_file, server, "--batch-size", 4))
     assert res.code == 0, res.err
@@ -135,7 +141,7 @@ def test_bad_images_go_to_errors_and_run_continues(cli, server, api_env, market,
     index.write_text(json.dumps(data), encoding="utf-8")
     out = tmp_path / "out"
     res = cli(*run_args(index, out, prompt_file, server))
-    assert res.code == 0, res.err
+    assert res.code == 1, res.err  # the run went on to the end; some items failed
     errs = {r["image_id"]: r for r in rows(out / "errors.csv")}
     assert list(read_table(out / "errors.csv").header) == ERROR_COLUMNS
     assert errs["bounding_box_test/0901_c1s1_000001_01.jpg"]["reason"] in ("not_image", "corrupt")
@@ -224,7 +230,8 @@ def test_unknown_model_404_is_one_line(cli, server, api_env, market, prompt_file
     index = prepare_index(cli, market, tmp_path / "index.json")
     res = cli(*run_args(index, tmp_path / "out", prompt_file, server, "--model", "gpt-9-vision"))
     assert res.code == 3
-    err_lines = [ln for ln in res.err.splitlines() if ln.strip()]
+    # the model has no price either: the run starts with that warning, then stops with one error line
+    err_lines = [ln for ln in res.err.splitlines() if ln.strip() and not ln.startswith("warning: price of model")]
     assert len(err_lines) == 1 and "gpt-9-vision" in err_lines[0] and "404" in err_lines[0]
 
 
@@ -321,7 +328,7 @@ def test_sigterm_is_gentle_and_a_second_ctrl_c_is_immediate(cli, server, api_env
     stdout, stderr = proc.communicate(timeout=30)
     elapsed = time.monotonic() - t0
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
-    assert "stopped: Ctrl-C" in stdout
+    assert ("stopped: SIGTERM" if how == "sigterm" else "stopped: Ctrl-C (immediately)") in stdout
     written = len(read_table(out / "captions_all.csv").rows) if (out / "captions_all.csv").exists() else 0
     if how == "sigterm":
         assert written == server.stats.outcomes.get("ok", 0) >= 8  # the 8 in flight arrived and were written

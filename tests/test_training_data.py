@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, prepare_index, rows
+from pipeline.ledger.costs import is_failure
 from pipeline.testing.loopback import expected_json
 
 
@@ -44,6 +45,11 @@ def test_several_prompt_files_and_captions_keyed_and_resumed(cli, server, api_en
     from pipeline.outputs import CAPTION_COLUMNS, write_csv_atomic
 
     write_csv_atomic(out / "captions_all.csv", CAPTION_COLUMNS, ([r[c] for c in CAPTION_COLUMNS] for r in kept))
+    # ... and from its part, which would otherwise give the paid row back to captions_all.csv
+    slots = {(r["image_id"], r["prompt_name"], r["caption_index"]) for r in kept}
+    for part in out.glob("captions_part_*.csv"):
+        part_rows = [r for r in rows(part) if (r["image_id"], r["prompt_name"], r["caption_index"]) in slots]
+        write_csv_atomic(part, CAPTION_COLUMNS, ([r[c] for c in CAPTION_COLUMNS] for r in part_rows))
     sent = server.stats.requests
     res = run(cli, server, indexed, out, "--prompt-file", base, "--prompt-file", zh, "--captions-per-image", 2)
     assert res.code == 0, res.err
@@ -80,9 +86,10 @@ def test_structured_attributes_to_attributes_csv(cli, server, api_env, market, i
     schema = json.loads(schema_file.read_text(encoding="utf-8"))["schema"]
     server.configure(p_invalid_json=0.3, seed=5)
     res = run(cli, server, indexed, out, "--prompt-file", schema_file, "--max-attempts", 6)
-    assert res.code == 0, res.err
     attrs = rows(out / "attributes.csv")
-    errs = rows(out / "errors.csv")
+    # errors.csv also holds the bills of invalid answers that got one more try (`invalid_retried`)
+    errs = [e for e in rows(out / "errors.csv") if is_failure(e["reason"])]
+    assert res.code == (1 if errs else 0), res.err
     n = n_images(indexed)
     assert len(attrs) + len(errs) == n and len(attrs) >= n // 2
     assert not (out / "captions_all.csv").exists() or rows(out / "captions_all.csv") == []

@@ -20,7 +20,8 @@ class ErrorKind(str, enum.Enum):
     TOO_LARGE = "request_too_large"  # 429/413 request too large: can never succeed
     SERVER = "server_error"  # 5xx
     TIMEOUT = "timeout"  # 408 or our own --timeout
-    CONNECTION = "connection_error"  # dropped connection, refused, reset
+    CONNECTION = "connection_error"  # a connection dropped or reset while a request was on it
+    UNREACHABLE = "unreachable"  # no connection at all: refused, host name not found, TLS handshake failed
     BAD_REQUEST = "bad_request"  # 400/422 for this image
     AUTH = "auth"  # 401
     PERMISSION = "permission"  # 403
@@ -93,5 +94,9 @@ class Backend(Protocol):
     name: str
 
     async def caption(self, request: ModelRequest) -> ModelReply: ...
+
+    async def reachable(self) -> bool:
+        """Does the server answer at all? A cheap probe while the run waits out an outage."""
+        ...
 
     async def aclose(self) -> None: ...

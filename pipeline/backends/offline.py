@@ -109,5 +109,9 @@ class OfflineBackend:
             latency_s=time.perf_counter() - t0,
         )
 
+    async def reachable(self) -> bool:
+        """There is no server to lose."""
+        return True
+
     async def aclose(self) -> None:
         return None

@@ -17,12 +17,21 @@ Building the request and reading the answer are plain functions, tested without 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import socket
+import ssl
 import time
 from typing import Any, Mapping
 
 import anyio
 import openai
+
+try:  # the SDK's default transport (openai[aiohttp]); classification works without it
+    import aiohttp as _aiohttp
+except ImportError:  # pragma: no cover
+    _aiohttp = None  # type: ignore[assignment]
 
 try:  # the SDK's HTTP library: httpx2 in openai>=3, httpx before
     import httpx2 as _httpx
@@ -107,9 +116,11 @@ def decode_body(content: bytes) -> Mapping[str, Any]:
     try:
         data = json.loads(content)
     except ValueError:
-        raise APIFailure(ErrorKind.SERVER, "the server answered 200 with a body that is not JSON") from None
+        raise APIFailure(
+            ErrorKind.SERVER, "the server answered 200 with a body that is not JSON", status=200
+        ) from None
     if not isinstance(data, dict):
-        raise APIFailure(ErrorKind.SERVER, "the server answered 200 with JSON that is not an object")
+        raise APIFailure(ErrorKind.SERVER, "the server answered 200 with JSON that is not an object", status=200)
     return data
 
 
@@ -135,13 +146,85 @@ def failure_from_sdk(exc: Exception, secret: str | None, reserve_tokens: int | N
             status=exc.status_code,
             headers=headers,
         )
-    if isinstance(exc, (openai.APITimeoutError, TimeoutError)):
-        return APIFailure(ErrorKind.TIMEOUT, "request timed out")
-    if isinstance(exc, (openai.APIConnectionError, _httpx.HTTPError)):
-        cause = exc.__cause__ or exc.__context__
-        why = type(cause).__name__ if cause is not None else "connection error"
-        return APIFailure(ErrorKind.CONNECTION, f"connection failed ({why})")
+    if isinstance(exc, (openai.APIConnectionError, _httpx.HTTPError, TimeoutError, OSError)):
+        kind, why = transport_failure(exc)
+        return APIFailure(kind, why)
     return APIFailure(ErrorKind.OTHER, redact(f"{type(exc).__name__}: {exc}", secret)[:300])
+
+
+def cause_chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and every exception it wraps (`__cause__`, else `__context__`), outermost first, each once."""
+    chain: list[BaseException] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+# Errors raised while a connection is being opened (so nothing was sent). The aiohttp ones matter because
+# the SDK's aiohttp transport re-raises every aiohttp connection error, refused and dropped alike, as
+# httpx's ConnectTimeout -> openai.APITimeoutError: only the wrapped cause tells what happened.
+_CONNECTING: tuple[type[BaseException], ...] = (_httpx.ConnectError, _httpx.UnsupportedProtocol)
+_DROPPED: tuple[type[BaseException], ...] = (ConnectionError,)  # reset, aborted, broken pipe
+if _aiohttp is not None:
+    _CONNECTING += (_aiohttp.ClientConnectorError,)
+    _DROPPED += (_aiohttp.ClientConnectionError, _aiohttp.ClientPayloadError)
+
+
+def transport_failure(exc: BaseException) -> tuple[ErrorKind, str]:
+    """What went wrong below HTTP, by the exception types along the cause chain (never message text).
+
+    The innermost cause that is known decides, since the wrappers lie (see `_CONNECTING`):
+    - no connection could be made - refused, host name not found, TLS handshake or certificate
+      failed, no route, not an http(s) URL - is UNREACHABLE: the server is not there, nothing was sent;
+    - a timeout (ours, the SDK's, the socket's) is TIMEOUT;
+    - a connection that dropped or was reset under a request is CONNECTION.
+    """
+    chain = cause_chain(exc)
+    connecting = any(isinstance(e, _CONNECTING) for e in chain)
+    for e in reversed(chain):
+        if isinstance(e, (socket.gaierror, ConnectionRefusedError, _httpx.UnsupportedProtocol)):
+            return ErrorKind.UNREACHABLE, unreachable_why(e, chain)
+        if isinstance(e, ssl.SSLError):
+            if connecting:
+                return ErrorKind.UNREACHABLE, unreachable_why(e, chain)
+            return ErrorKind.CONNECTION, f"connection failed ({type(e).__name__})"
+        if isinstance(e, (TimeoutError, asyncio.TimeoutError, _httpx.TimeoutException)):
+            return ErrorKind.TIMEOUT, "request timed out"
+        if isinstance(e, _CONNECTING):
+            return ErrorKind.UNREACHABLE, unreachable_why(e, chain)
+        if isinstance(e, (*_DROPPED, _httpx.TransportError)):
+            return ErrorKind.CONNECTION, f"connection failed ({type(chain[-1]).__name__})"
+    if isinstance(exc, openai.APITimeoutError):
+        return ErrorKind.TIMEOUT, "request timed out"
+    return ErrorKind.CONNECTION, f"connection failed ({type(chain[-1]).__name__})"
+
+
+def unreachable_why(cause: BaseException, chain: list[BaseException]) -> str:
+    """A few words on why no connection could be made, from the cause's type and its structured fields."""
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(cause, socket.gaierror):
+        return "host name not found"
+    if isinstance(cause, _httpx.UnsupportedProtocol):
+        return "not an http:// or https:// URL"
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        detail = getattr(cause, "verify_message", None)
+        return f"TLS certificate not accepted ({detail})" if detail else "TLS certificate not accepted"
+    if isinstance(cause, ssl.SSLError):
+        reason = getattr(cause, "reason", None)
+        return f"TLS handshake failed ({reason})" if reason else "TLS handshake failed"
+    for e in reversed(chain):  # no route to host, network unreachable, ...: the OS's words for its errno
+        errno_ = getattr(e, "errno", None)
+        if isinstance(e, OSError) and isinstance(errno_, int) and errno_ > 0:
+            return os.strerror(errno_).lower()
+    return "cannot connect"
+
+
+PROBE_TIMEOUT_S = 5.0  # a reachability probe that takes longer than this counts as "not reachable"
 
 
 def make_http_client(transport: str, max_connections: int, timeout: float) -> Any:
@@ -168,6 +251,7 @@ class OpenAIBackend:
     ) -> None:
         self._key = api_key
         self.timeout = timeout
+        self.probe_timeout = min(PROBE_TIMEOUT_S, timeout)
         self.client = openai.AsyncOpenAI(
             api_key=api_key,
             base_url=base_url,
@@ -187,6 +271,22 @@ class OpenAIBackend:
         except (openai.OpenAIError, TimeoutError, _httpx.HTTPError) as exc:
             raise failure_from_sdk(exc, self._key, request.reserve_tokens) from None
         return parse_completion(decode_body(content), response.headers, time.perf_counter() - t0, request.model)
+
+    async def reachable(self) -> bool:
+        """True once the server gives any HTTP answer (even 401 or 404) to a GET of `/models`.
+
+        It goes through the run's own client, so proxies, TLS trust and the transport are the ones the
+        requests use: a server whose port accepts but whose TLS fails is still unreachable. Not billed.
+        """
+        with anyio.move_on_after(self.probe_timeout):
+            try:
+                await self.client.get("/models", cast_to=_httpx.Response)
+            except openai.APIStatusError:
+                return True
+            except (openai.OpenAIError, TimeoutError, OSError, _httpx.HTTPError):
+                return False
+            return True
+        return False
 
     async def aclose(self) -> None:
         await self.client.close()

@@ -626,6 +626,11 @@ class LoopbackServer:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop listening and close every connection (answers under way get a short grace to finish).
+
+        The server can be started again with `start()`: it listens on the same port, keeps its statistics
+        and fault state, so a test can take it away mid-run and bring it back like a restarted process.
+        """
         if self._thread is None or self._loop is None or self._stopped:
             return
         self._stopped = True
@@ -636,6 +641,25 @@ class LoopbackServer:
             pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout)
+        if not self._thread.is_alive():  # ready for start() again, on the same port
+            self._thread = None
+            self._loop = None
+            self._runner = None
+            self._tasks = set()
+            self._started = threading.Event()
+            self._stopped = False
+
+    def pause(self, seconds: float) -> threading.Thread:
+        """Go away now and come back on the same port after `seconds` (in a background thread, returned)."""
+        self.stop()
+
+        def come_back() -> None:
+            time.sleep(seconds)
+            self.start()
+
+        thread = threading.Thread(target=come_back, name="loopback-restart", daemon=True)
+        thread.start()
+        return thread
 
     def __enter__(self) -> "LoopbackServer":
         return self.start()
@@ -679,11 +703,12 @@ class LoopbackServer:
             keepalive_timeout=75.0,
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True, backlog=1024)
+        port = self.config.port or self.port or 0  # a restart listens where the first start did
+        site = web.TCPSite(self._runner, self.config.host, port, reuse_address=True, backlog=1024)
         await site.start()
         server = site._server  # noqa: SLF001 - aiohttp exposes no public accessor for the bound port
         sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else self.config.port
+        self.port = sockets[0].getsockname()[1] if sockets else port
         for s in sockets:
             try:
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -691,6 +716,11 @@ class LoopbackServer:
                 pass
 
     async def _shutdown(self) -> None:
+        # Stop listening first: a client that retries a dropped request finds the port closed (refused),
+        # as with a crashed server, instead of a listener that is about to go.
+        if self._runner is not None:
+            for site in list(self._runner.sites):
+                await site.stop()
         for t in list(self._tasks):
             t.cancel()
         if self._runner is not None:

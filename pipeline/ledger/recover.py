@@ -1,0 +1,255 @@
+"""What a run does to its output folder before the first request, so nothing paid for is lost or doubled.
+
+In this order, each step working on what the one before left:
+
+1. repair every CSV the run writes (captions_all.csv, the parts, errors.csv, attributes.csv): damaged rows
+   and a torn tail go to `<name>.rejected`, the good rows stay byte for byte (`read_table(repair=True)`);
+2. migrate a file written with older columns (the earlier scripts' `image_id,prompt,caption,timestamp`,
+   or ours before a column was added) to the current header, missing cells empty;
+3. merge answers a previous run held but could not write (`pipeline.ledger.pending.merge_pending`), into
+   files already repaired and migrated, so the merge never appends behind a torn tail or under an old
+   header, and each repair is reported;
+4. rebuild captions_all.csv as the union with the part files: captions_all.csv is the record of what is
+   done, but a part is a copy of a paid answer too, so a row the part files hold and captions_all.csv
+   lacks (deleted, damaged, lost) is added back to it, never dropped;
+5. make the part files hold exactly captions_all.csv's rows, split by index position for the current
+   `--batch-size` (re-split when it changed). Rows of images not in the current index stay in
+   captions_all.csv and in no part. A part is removed only once captions_all.csv holds all its rows,
+   which step 4 has made sure of.
+
+errors.csv is append-only across runs: it is repaired, never reset. The decisions are pure functions
+(`missing_from`, `plan_parts`, `header_change`); `recover_folder` does the I/O around them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from pipeline.errors import OutputError
+from pipeline.ledger import appendfile
+from pipeline.ledger.pending import merge_pending
+from pipeline.outputs import (
+    ATTRIBUTE_ROW_COLUMNS,
+    ATTRIBUTES,
+    CAPTION_COLUMNS,
+    CAPTIONS_ALL,
+    ERROR_COLUMNS,
+    ERRORS,
+    PART_GLOB,
+    Table,
+    attribute_columns_for,
+    part_name,
+    read_table,
+    write_csv_atomic,
+)
+
+Row = dict[str, str]
+Key = tuple[str, str, int]
+MAX_PART_NOTES = 5  # more part files changed than this: one summary line instead of one line each
+
+
+@dataclass
+class Recovery:
+    """What `recover_folder` did: notes for the user, and the attribute columns the folder now has."""
+
+    notes: list[str] = field(default_factory=list)
+    attribute_fields: list[str] = field(default_factory=list)
+
+
+def row_key(d: Row) -> Key:
+    """(image_id, prompt_name, caption_index) of a caption row, with the defaults `caption_from_dict` uses."""
+    try:
+        index = int(d.get("caption_index") or 0)
+    except ValueError:
+        index = 0
+    return (d.get("image_id", ""), d.get("prompt_name") or "base", index)
+
+
+# --- pure decisions ---------------------------------------------------------------------------------------
+
+def header_change(have: list[str], want: list[str]) -> list[str] | None:
+    """The columns a file with header `have` lacks to be written as `want` (None: nothing to change).
+
+    Raises OutputError for a header that is not a set of our columns: without image_id it is not ours;
+    with columns we do not write, rewriting would drop what someone put there.
+    """
+    if have == want:
+        return None
+    if "image_id" not in have:
+        raise OutputError(f"not a reid-prompt CSV (no image_id column; columns: {', '.join(have[:6])})")
+    unknown = [c for c in have if c not in want]
+    if unknown:
+        raise OutputError(
+            f"has columns reid-prompt does not write ({', '.join(unknown[:4])}): "
+            "move the file aside or use another --out"
+        )
+    return [c for c in want if c not in have]
+
+
+def merged_attribute_fields(header: list[str], fields: list[str]) -> list[str]:
+    """attributes.csv's schema fields: those already in the file, in its order, then this run's new ones."""
+    old = [c for c in header if c not in ATTRIBUTE_ROW_COLUMNS]
+    return old + [f for f in fields if f not in old]
+
+
+def missing_from(all_rows: Iterable[Row], parts: Mapping[str, list[Row]]) -> list[Row]:
+    """Rows the part files hold whose key captions_all.csv lacks: each key once, in part order."""
+    have = {row_key(d) for d in all_rows}
+    extra: list[Row] = []
+    for name in sorted(parts):
+        for d in parts[name]:
+            key = row_key(d)
+            if key not in have:
+                have.add(key)
+                extra.append(d)
+    return extra
+
+
+def plan_parts(all_rows: Iterable[Row], positions: Mapping[str, int], batch_size: int) -> dict[str, list[Row]]:
+    """The rows each part file should hold: captions_all.csv's rows, by index position // batch_size."""
+    plan: dict[str, list[Row]] = defaultdict(list)
+    for d in all_rows:
+        pos = positions.get(d.get("image_id", ""))
+        if pos is not None:
+            plan[part_name(pos, batch_size)].append(d)
+    return dict(plan)
+
+
+def same_rows(a: list[Row], b: list[Row]) -> bool:
+    return len(a) == len(b) and Counter(map(row_key, a)) == Counter(map(row_key, b))
+
+
+# --- the I/O ----------------------------------------------------------------------------------------------
+
+def recover_folder(
+    out_dir: Path,
+    *,
+    batch_size: int,
+    positions: Mapping[str, int],
+    attribute_fields: list[str] | None = None,
+    previous_batch_size: int | None = None,
+) -> Recovery:
+    """Bring the folder to a state a run can append to; see the module docstring for the steps.
+
+    `attribute_fields`: this run's structured-prompt fields (attributes.csv keeps any older ones too; the
+    result's `attribute_fields` is what the writer must write). Raises OutputError (one line) for a file
+    that is not ours or that cannot be rewritten.
+    """
+    out_dir = Path(out_dir)
+    fields = list(attribute_fields or [])
+    notes: list[str] = []
+    all_rows, parts = _captions(out_dir, notes)
+    errors = _repair(out_dir / ERRORS, notes)
+    if errors:
+        _migrate(out_dir / ERRORS, errors, ERROR_COLUMNS, notes)
+    attrs = _repair(out_dir / ATTRIBUTES, notes, "their images are asked again" if fields else "")
+    if attrs and fields:  # only a run that writes attributes.csv changes its columns
+        fields = merged_attribute_fields(attrs.header, fields)
+        _migrate(out_dir / ATTRIBUTES, attrs, attribute_columns_for(fields), notes)
+    merged = merge_pending(out_dir)
+    if merged:
+        notes += merged
+        all_rows, parts = _captions(out_dir, notes)
+
+    all_rows = all_rows + _restore(out_dir, all_rows, parts, notes)
+    notes += _reconcile_parts(out_dir, all_rows, parts, positions, batch_size, previous_batch_size)
+    return Recovery(notes, fields)
+
+
+def _captions(out_dir: Path, notes: list[str]) -> tuple[list[Row], dict[str, list[Row]]]:
+    """Steps 1 and 2 for captions_all.csv and every part: their rows, repaired and migrated."""
+    captions = _repair(out_dir / CAPTIONS_ALL, notes, "rows no part file holds are asked again")
+    all_rows = _migrate(out_dir / CAPTIONS_ALL, captions, CAPTION_COLUMNS, notes).rows if captions else []
+    parts: dict[str, list[Row]] = {}
+    for path in sorted(out_dir.glob(PART_GLOB)):
+        part = _repair(path, notes, "the part is rebuilt from captions_all.csv")
+        parts[path.name] = _migrate(path, part, CAPTION_COLUMNS, notes).rows if part else []
+    return all_rows, parts
+
+
+def _repair(path: Path, notes: list[str], consequence: str = "") -> Table | None:
+    """Step 1 for one file: quarantine damage and a torn tail. None when there is no file or no header."""
+    if not path.exists():
+        return None
+    table = read_table(path, repair=True)
+    notes += [f"{n}; {consequence}" if consequence else n for n in table.notes if n]
+    return table if path.stat().st_size > 0 else None
+
+
+def _migrate(path: Path, table: Table, columns: list[str], notes: list[str]) -> Table:
+    """Step 2 for one file: rewrite it with the current header when it has older columns."""
+    try:
+        added = header_change(table.header, columns)
+    except OutputError as exc:
+        raise OutputError(f"{path}: {exc}") from None
+    if added is None:
+        return table
+    _rewrite(path, columns, table.rows)
+    what = f"added {', '.join(added)}" if added else "columns reordered"
+    notes.append(f"{path.name}: rewritten with the current columns ({what}; {len(table.rows):,} rows kept)")
+    return Table(columns, table.rows)
+
+
+def _rewrite(path: Path, columns: list[str], rows: list[Row]) -> None:
+    try:
+        write_csv_atomic(path, columns, ([d.get(c, "") for c in columns] for d in rows))
+    except OSError as exc:
+        raise OutputError(f"cannot rewrite {path}: {exc.strerror or exc}") from None
+
+
+def _restore(out_dir: Path, all_rows: list[Row], parts: Mapping[str, list[Row]], notes: list[str]) -> list[Row]:
+    """Step 4: append to captions_all.csv the rows only the parts hold; returns them."""
+    extra = missing_from(all_rows, parts)
+    if not extra:
+        return []
+    path = out_dir / CAPTIONS_ALL
+    was_missing = not path.exists()
+    records = [[d.get(c, "") for c in CAPTION_COLUMNS] for d in extra]
+    try:
+        appendfile.append_bytes(path, appendfile.records_bytes(records), appendfile.header_bytes(CAPTION_COLUMNS))
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    rows = f"{len(extra):,} row{'s' if len(extra) != 1 else ''}"
+    if was_missing:
+        notes.append(f"{CAPTIONS_ALL} was missing: rebuilt from {len(parts)} part files ({rows}); nothing is asked again")
+    else:
+        notes.append(f"{CAPTIONS_ALL}: restored {rows} that only the part files held")
+    return extra
+
+
+def _reconcile_parts(
+    out_dir: Path,
+    all_rows: list[Row],
+    parts: Mapping[str, list[Row]],
+    positions: Mapping[str, int],
+    batch_size: int,
+    previous_batch_size: int | None,
+) -> list[str]:
+    """Step 5: rewrite each part whose rows differ from the plan; remove parts the plan has no rows for."""
+    plan = plan_parts(all_rows, positions, batch_size)
+    changes: list[str] = []
+    for name in sorted(set(parts) | set(plan)):
+        want = plan.get(name, [])
+        have = parts.get(name)
+        if have is not None and same_rows(have, want):
+            continue
+        path = out_dir / name
+        try:
+            if not want:
+                path.unlink(missing_ok=True)
+                changes.append(f"{name}: removed (no row of {CAPTIONS_ALL} belongs to it now)")
+                continue
+            write_csv_atomic(path, CAPTION_COLUMNS, ([d.get(c, "") for c in CAPTION_COLUMNS] for d in want))
+        except OSError as exc:
+            raise OutputError(f"cannot rewrite {path}: {exc.strerror or exc}") from None
+        changes.append(f"{name}: rebuilt from {CAPTIONS_ALL} ({len(have or []):,} -> {len(want):,} rows)")
+    if not changes:
+        return []
+    if previous_batch_size is not None and previous_batch_size != batch_size:
+        return [f"re-split parts for --batch-size {batch_size} (was {previous_batch_size})"]
+    if len(changes) > MAX_PART_NOTES:
+        return [f"part files: {len(changes)} rebuilt or removed to match {CAPTIONS_ALL}"]
+    return changes

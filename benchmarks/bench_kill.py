@@ -9,9 +9,10 @@ before:
   missing (or has another caption) later: must be 0;
 - rows doubled: keys present more than once in the final captions_all.csv: must be 0;
 - rows mixed: final captions that are not the server's caption for their own image's bytes: must be 0;
-- paid answers lost: answers the server sent (`ok_answers`) that are not rows in the end. These are the
-  answers in flight at each kill: the server finished them, the killed client never read them. Bounded
-  by concurrency × kills; reported, not a target.
+- paid answers lost: answers the server sent (`ok_answers`) that are not rows in the end: the server
+  finished them, the killed client never read them; reported, not a target;
+- requests cut off in flight: requests the server received but never finished answering because the
+  client died first (a provider may still bill them). Bounded by concurrency x kills.
 
 POSIX only (SIGKILL). One result line, detail lines above it.
 """
@@ -51,7 +52,7 @@ def read_rows(out: Path) -> list[dict[str, str]]:
 
 
 def main() -> int:
-    p = make_parser("kill", __doc__.splitlines()[0], images=600, quick_images=120, concurrency=16, latency=0.1)
+    p = make_parser("kill", __doc__.splitlines()[0], images=600, quick_images=120, concurrency=16, latency=0.3)
     p.add_argument("--kills", type=int, default=20, help="kill -9s before the run may finish (default 20)")
     p.add_argument("--seed", type=int, default=1)
     a = p.parse_args()
@@ -113,9 +114,11 @@ def main() -> int:
         if final.returncode != 0:
             detail("final run stderr: " + final.stderr.strip().replace("\n", " | ")[-500:])
         paid_lost = max(0, answered - len(keys))
+        cut_off = max(0, int(stats.get("requests", 0)) - answered)
         say(f"kill: {killed} kill -9s on {n:,} images (c={a.concurrency}, latency {a.latency}s): rows lost={lost} "
             f"doubled={doubled} mixed={mixed} missing={n - len(keys)} | paid answers lost={paid_lost} "
-            f"({paid_lost / max(1, killed):.1f} per kill; in flight at the kill)")
+            f"({paid_lost / max(1, killed):.1f} per kill) | requests cut off in flight={cut_off} "
+            f"({cut_off / max(1, killed):.1f} per kill; a provider may bill these)")
     return 0
 
 

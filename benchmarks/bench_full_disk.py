@@ -66,13 +66,13 @@ def fill(path: Path) -> int:
 
 
 def count_rows(path: Path) -> int:
-    from pipeline.outputs import read_table
+    from pipeline.ledger.outputs import read_table
 
     return len(read_table(path).rows) if path.exists() else 0
 
 
 def figures(out: Path, n: int, stats: dict) -> dict[str, int]:
-    from pipeline.outputs import CAPTIONS_ALL, ERRORS, read_table
+    from pipeline.ledger.outputs import CAPTIONS_ALL, ERRORS, read_table
 
     caps = read_table(out / CAPTIONS_ALL).rows
     errs = read_table(out / ERRORS).rows

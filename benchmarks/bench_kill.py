@@ -46,7 +46,7 @@ from common import (  # noqa: E402
 
 
 def read_rows(out: Path) -> list[dict[str, str]]:
-    from pipeline.outputs import CAPTIONS_ALL, read_table
+    from pipeline.ledger.outputs import CAPTIONS_ALL, read_table
 
     return read_table(out / CAPTIONS_ALL).rows
 

@@ -7,7 +7,7 @@ the loopback server is a child too, and RUSAGE_CHILDREN keeps the largest of the
 peak / images, and marginal: (peak - peak of a run of 1/20 the images) / the difference in images, which
 leaves the interpreter, imports and pools out.
 
-Index load: `python -c` imports pipeline.index, notes ru_maxrss, loads the text index with
+Index load: `python -c` imports pipeline.data.index, notes ru_maxrss, loads the text index with
 `load_index`, and prints the load time and ru_maxrss after (the paths need not exist: loading is lexical).
 """
 
@@ -26,7 +26,7 @@ import common  # noqa: E402
 LOAD_SNIPPET = r"""
 import json, resource, sys, time
 from pathlib import Path
-from pipeline.index import load_index
+from pipeline.data.index import load_index
 r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
 idx = load_index(Path(sys.argv[1]))

@@ -390,7 +390,7 @@ def outcome_check(out: Path, index_paths: Sequence[Path]) -> dict[str, int]:
     """Every image once in captions_all.csv or errors.csv, never both, never twice."""
     from collections import Counter
 
-    from pipeline.outputs import CAPTION_COLUMNS, CAPTIONS_ALL, ERROR_COLUMNS, ERRORS, read_table
+    from pipeline.ledger.outputs import CAPTION_COLUMNS, CAPTIONS_ALL, ERROR_COLUMNS, ERRORS, read_table
 
     caps = read_table(out / CAPTIONS_ALL, expect_columns=CAPTION_COLUMNS)
     errs = read_table(out / ERRORS, expect_columns=ERROR_COLUMNS)

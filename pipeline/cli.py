@@ -194,7 +194,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
 # --- commands ---------------------------------------------------------------------------------------------
 
 def cmd_prepare(a: argparse.Namespace) -> int:
-    from pipeline.index import build_index, write_index
+    from pipeline.data.index import build_index, write_index
 
     splits = {s.strip() for s in a.splits.split(",") if s.strip()} if a.splits else None
     index = build_index(a.root, a.dataset, splits=splits, skip_junk=a.skip_junk,
@@ -211,19 +211,22 @@ def cmd_prepare(a: argparse.Namespace) -> int:
 def cmd_run(a: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from pipeline import runner
+    from pipeline.run import runner
 
     cfg = config_from_args(a)
     console = Console()
     if cfg.dry_run:
         return _dry_run(cfg, console)
-    result = runner.run(cfg, console=console)
+    from pipeline.review.dashboard import make_view
+
+    result = runner.run(cfg, views=lambda stats: make_view(stats, console, dashboard=cfg.dashboard,
+                                                            every_s=cfg.progress_every))
     return _report_run(result, console)
 
 
 def _dry_run(cfg: RunConfig, console) -> int:
-    from pipeline.estimate import estimate_for_run, render_estimate
-    from pipeline.runner import prepare
+    from pipeline.review.estimate import estimate_for_run, render_estimate
+    from pipeline.run.runner import prepare
 
     prep = prepare(cfg, readonly=True)
     est = estimate_for_run(prep)
@@ -234,7 +237,7 @@ def _dry_run(cfg: RunConfig, console) -> int:
 def _report_run(result, console) -> int:
     """The end of a run: the summary table on a terminal, the repair notes, ONE summary line that says
     how the run ended and with which exit code, and the fatal error's own line."""
-    from pipeline.dashboard import render_summary, summary_line
+    from pipeline.review.dashboard import render_summary, summary_line
 
     if console.is_terminal:
         console.print(render_summary(result.snapshot, result.out))
@@ -252,7 +255,7 @@ def cmd_status(a: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from pipeline.status import collect_status, render_status
+    from pipeline.review.status import collect_status, render_status
 
     report = collect_status(a.out)
     if a.json:
@@ -273,8 +276,8 @@ def cmd_export(a: argparse.Namespace) -> int:
 def cmd_report(a: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from pipeline.outputs import read_attributes, read_captions
-    from pipeline.report import build_report, render_report, save_report
+    from pipeline.ledger.outputs import read_attributes, read_captions
+    from pipeline.review.report import build_report, render_report, save_report
 
     if not Path(a.out).is_dir():
         raise InputError(f"output folder {a.out} does not exist")

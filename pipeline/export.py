@@ -23,7 +23,7 @@ so test pid 5 is not train pid 5. Images whose pid is None or negative, or which
 (Market-1501 -1 junk and 0000 distractors), have no person: they are left out of the id-based formats
 and kept in jsonl.
 
-Captions. Empty answers, refusals/apologies (`pipeline.refusals`) and structured JSON answers never
+Captions. Empty answers, refusals/apologies (`pipeline.providers.refusals`) and structured JSON answers never
 reach an export; whitespace runs (newlines included) become one space. Images without a usable caption
 are left out (jsonl keeps an image that has attributes). Captions of an image are ordered by prompt
 name, then caption index; a key (image, prompt, caption index) seen twice keeps its last usable row.
@@ -41,11 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import InputError, OutputError
-from pipeline.index import load_index
-from pipeline.manifest import read_manifest
-from pipeline.outputs import ATTRIBUTE_META_COLUMNS, CAPTIONS_ALL, MANIFEST, read_attributes, read_captions
+from pipeline.data.index import load_index
+from pipeline.ledger.manifest import read_manifest
+from pipeline.ledger.outputs import ATTRIBUTE_META_COLUMNS, CAPTIONS_ALL, MANIFEST, read_attributes, read_captions
 from pipeline.records import CaptionRow, IndexEntry
-from pipeline.refusals import is_empty, looks_like_refusal
+from pipeline.providers.refusals import is_empty, looks_like_refusal
 
 EXPORT_FORMATS = ("cuhk-pedes", "icfg-pedes", "rstpreid", "jsonl")
 # The file names the training code opens (IRRA: <dataset>/<name>); the default export path is

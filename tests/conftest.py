@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
-from pipeline.outputs import read_table
+from pipeline.ledger.outputs import read_table
 from pipeline.testing import synth
 from pipeline.testing.loopback import DEFAULT_API_KEY, LoopbackServer
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.attributes import (
+from pipeline.data.attributes import (
     AttributeValidationError,
     attribute_columns,
     field_names,
@@ -16,8 +16,8 @@ from pipeline.attributes import (
     validate_answer,
 )
 from pipeline.errors import ImageError, PromptError
-from pipeline.outputs import ATTRIBUTE_META_COLUMNS, attribute_record
-from pipeline.prompts import BUNDLED_PROMPTS_DIR, load_prompts
+from pipeline.ledger.outputs import ATTRIBUTE_META_COLUMNS, attribute_record
+from pipeline.data.prompts import BUNDLED_PROMPTS_DIR, load_prompts
 from pipeline.records import AttributeRow, Prompt
 
 MARKET_FIELDS = [

@@ -13,9 +13,10 @@ from rich.console import Console
 
 from conftest import KEY, make_big_market, prepare_index, rows, spawn, wait_for_rows
 from pipeline.cli import build_parser, config_from_args
-from pipeline.estimate import estimate_for_run
-from pipeline.outputs import read_table
-from pipeline.runner import prepare, run_prepared
+from pipeline.review.estimate import estimate_for_run
+from pipeline.ledger.outputs import read_table
+from pipeline.review.dashboard import make_view
+from pipeline.run.runner import prepare, run_prepared
 
 
 def cfg_for(index: Path, out: Path, prompt: Path, server, *extra: object):
@@ -148,7 +149,8 @@ def test_live_dashboard_draws_the_run(server, api_env, big_index, prompt_file, t
     server.configure(latency=0.01)
     cfg = cfg_for(big_index, out, prompt_file, server, "--rpm", "30000")
     cfg.dashboard = True
-    result = anyio.run(lambda: run_prepared(prepare(cfg), console=console, install_signals=False))
+    result = anyio.run(lambda: run_prepared(
+        prepare(cfg), views=lambda stats: make_view(stats, console, dashboard=True), install_signals=False))
     assert result.state == "finished"
     text = console.export_text()
     assert "140" in text and "30,000" in text  # items and the configured rpm limit

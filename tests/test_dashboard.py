@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-import pipeline.dashboard as dashboard
-from pipeline.dashboard import (
+import pipeline.review.dashboard as dashboard
+from pipeline.review.dashboard import (
     LiveView,
     PlainView,
     make_view,
@@ -22,7 +22,7 @@ from pipeline.dashboard import (
     render_summary,
     summary_line,
 )
-from pipeline.stats import RunStats, Snapshot
+from pipeline.run.stats import RunStats, Snapshot
 
 ANSI = re.compile(r"\x1b\[")
 

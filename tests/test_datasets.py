@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.datasets import (
+from pipeline.data.datasets import (
     ParsedName,
     check_splits,
     dataset_base,

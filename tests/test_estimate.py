@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
-import pipeline.estimate as estimate_mod
-from pipeline.estimate import (
+import pipeline.review.estimate as estimate_mod
+from pipeline.review.estimate import (
     DEFAULT_OUTPUT_TOKENS,
     CostEstimate,
     EstimateItem,
@@ -22,10 +22,10 @@ from pipeline.estimate import (
     render_estimate,
     reservoir_sample,
 )
-from pipeline.outputs import CAPTION_COLUMNS, CAPTIONS_ALL, caption_record, write_csv_atomic
-from pipeline.pricing import ModelPrice, PricingTable
+from pipeline.ledger.outputs import CAPTION_COLUMNS, CAPTIONS_ALL, caption_record, write_csv_atomic
+from pipeline.providers.pricing import ModelPrice, PricingTable
 from pipeline.records import CaptionRow, IndexEntry, Prompt
-from pipeline.tokens import MESSAGE_OVERHEAD_TOKENS, ImageRule, estimate_request, text_tokens
+from pipeline.providers.tokens import MESSAGE_OVERHEAD_TOKENS, ImageRule, estimate_request, text_tokens
 
 MINI = ModelPrice("gpt-4o-mini", 0.15, 0.075, 0.60, ImageRule("tile", base=2833, per_tile=5667))
 PATCH = ModelPrice("gpt-4.1-mini", 0.40, 0.10, 1.60, ImageRule("patch", multiplier=1.62))
@@ -170,7 +170,7 @@ def test_build_estimate_counts_what_is_left_and_reads_sizes(tmp_path: Path) -> N
 
 
 def fmt_cost(x: float) -> str:
-    from pipeline.dashboard import fmt_usd
+    from pipeline.review.dashboard import fmt_usd
 
     return fmt_usd(x)
 
@@ -204,7 +204,7 @@ def test_build_estimate_samples_large_plans_and_never_writes(tmp_path: Path) -> 
 
 
 def to_bytes(rows: list[CaptionRow]) -> bytes:
-    from pipeline.outputs import to_csv_text
+    from pipeline.ledger.outputs import to_csv_text
 
     return ("\ufeff" + to_csv_text([CAPTION_COLUMNS] + [caption_record(r) for r in rows])).encode("utf-8")
 
@@ -254,7 +254,7 @@ def test_estimate_never_reads_the_config() -> None:
 def test_estimate_for_run_reads_only_what_it_needs(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from pipeline.estimate import estimate_for_run
+    from pipeline.review.estimate import estimate_for_run
 
     entries = make_images(tmp_path / "img", [(64, 128)])
     cfg = SimpleNamespace(  # a stand-in for RunConfig: no api_key attribute to read

@@ -22,7 +22,7 @@ from pipeline.export import (
     tokenize,
     write_export,
 )
-from pipeline.outputs import CAPTION_COLUMNS, CAPTIONS_ALL, MANIFEST, caption_record, write_csv_atomic
+from pipeline.ledger.outputs import CAPTION_COLUMNS, CAPTIONS_ALL, MANIFEST, caption_record, write_csv_atomic
 from pipeline.records import CaptionRow, IndexEntry
 
 

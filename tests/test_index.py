@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import ConfigError, IndexFormatError, InputError
-from pipeline.index import LoadedIndex, build_index, load_index, write_index
+from pipeline.data.index import LoadedIndex, build_index, load_index, write_index
 from pipeline.testing import synth
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from conftest import prepare_index, rows
-from pipeline.dashboard import fmt_spent
+from pipeline.review.dashboard import fmt_spent
 from pipeline.ledger.costs import Spent, is_failure, open_failures, row_spent
-from pipeline.manifest import cost_fields
+from pipeline.ledger.manifest import cost_fields
 from pipeline.records import ErrorRow
 from pipeline.testing.loopback import DEFAULT_MODELS
 
@@ -281,8 +281,8 @@ def test_manifest_cost_fields() -> None:
 
 
 def test_views_never_show_a_false_zero_at_an_unknown_price() -> None:
-    from pipeline.dashboard import progress_line, render_summary, summary_line
-    from pipeline.stats import RunStats
+    from pipeline.review.dashboard import progress_line, render_summary, summary_line
+    from pipeline.run.stats import RunStats
 
     from test_dashboard import draw
 

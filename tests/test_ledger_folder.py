@@ -20,7 +20,7 @@ from conftest import KEY, make_big_market, prepare_index, rows, spawn, subproces
 from pipeline.errors import EXIT_MEANINGS, exit_code_for
 from pipeline.ledger.inputs import Inputs, changes_between, check_inputs, ChangedInputs
 from pipeline.ledger.lock import FolderLock, FolderLocked
-from pipeline.runner import key_problem, worker_count
+from pipeline.run.runner import key_problem, worker_count
 
 
 def run_args(index: Path, out: Path, prompt: Path, server, *extra: object) -> list[object]:

@@ -19,7 +19,7 @@ from conftest import REPO, prepare_index, rows
 from pipeline.errors import OutputError
 from pipeline.ledger import csvscan
 from pipeline.ledger.recover import header_change, missing_from, plan_parts, recover_folder
-from pipeline.outputs import (
+from pipeline.ledger.outputs import (
     CAPTION_COLUMNS,
     ERROR_COLUMNS,
     read_table,

@@ -23,7 +23,7 @@ from conftest import make_big_market, prepare_index, rows, spawn, wait_for_rows
 from pipeline.ledger import appendfile, pending
 from pipeline.ledger.appendfile import append_bytes, describe_write_error, header_bytes, records_bytes
 from pipeline.ledger.pending import HeldFile, find_pending, folder_tag, merge_pending, save_pending
-from pipeline.outputs import CAPTION_COLUMNS, ERROR_COLUMNS
+from pipeline.ledger.outputs import CAPTION_COLUMNS, ERROR_COLUMNS
 from test_run import check_captions_belong, run_args
 
 NO_CRASH = ("internal error", "Traceback", "ExceptionGroup")

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pipeline.limits import RateLimiter
+from pipeline.run.limits import RateLimiter
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, prepare_index, rows
-from pipeline.backends.offline import describe
+from pipeline.providers.offline import describe
 from pipeline.testing import synth
 
 

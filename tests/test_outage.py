@@ -24,10 +24,10 @@ import openai
 import pytest
 
 from conftest import KEY, make_big_market, prepare_index, rows, spawn, wait_for_rows
-from pipeline.backends.base import APIFailure, ErrorKind, ImagePayload, ModelRequest
-from pipeline.backends.openai import OpenAIBackend, _httpx, failure_from_sdk
-from pipeline.control import Gate
-from pipeline.outage import (
+from pipeline.providers.base import APIFailure, ErrorKind, ImagePayload, ModelRequest
+from pipeline.providers.openai import OpenAIBackend, _httpx, failure_from_sdk
+from pipeline.run.control import Gate
+from pipeline.run.outage import (
     GATE_CAUSE,
     Outage,
     OutagePolicy,
@@ -41,7 +41,7 @@ from pipeline.outage import (
     probe_until_answer,
     time_left,
 )
-from pipeline.stats import RunStats
+from pipeline.run.stats import RunStats
 from pipeline.testing.loopback import expected_caption
 
 K = ErrorKind
@@ -535,7 +535,7 @@ def test_outage_timeout_must_be_above_zero(cli, api_env, market, prompt_file, tm
 def test_views_show_the_outage():
     from rich.console import Console
 
-    from pipeline.dashboard import progress_line, render_dashboard
+    from pipeline.review.dashboard import progress_line, render_dashboard
 
     stats = RunStats(total=10)
     assert "unreachable" not in progress_line(stats.snapshot())

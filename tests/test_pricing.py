@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.pricing import (
+from pipeline.providers.pricing import (
     DEFAULT_PRICING_PATH,
     ModelPrice,
     PricingTable,
@@ -17,7 +17,7 @@ from pipeline.pricing import (
     resolve_price,
 )
 from pipeline.records import Usage
-from pipeline.tokens import TILE_4O, ImageRule, image_tokens
+from pipeline.providers.tokens import TILE_4O, ImageRule, image_tokens
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import PromptError
-from pipeline.prompts import (
+from pipeline.data.prompts import (
     BUNDLED_PROMPTS_DIR,
     TEMPLATE_SLOT,
     choose_template,

@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 
 from pipeline.records import CaptionRow
-from pipeline.report import build_report, count_summary, length_summary, percentile, render_report, save_report
+from pipeline.review.report import build_report, count_summary, length_summary, percentile, render_report, save_report
 
 
 def cap(image_id: str, text: str, prompt: str = "base", index: int = 0) -> CaptionRow:

@@ -7,18 +7,10 @@ from datetime import datetime, timezone
 
 import pytest
 
-from pipeline.backends.base import ErrorKind as K
-from pipeline.retry import (
-    Decision,
-    RetryPolicy,
-    backoff_s,
-    classify_status,
-    decide,
-    exceeds_token_limit,
-    parse_duration,
-    parse_retry_after,
-    rate_limit_wait,
-)
+from pipeline.providers.base import ErrorKind as K
+from pipeline.run.retry import Decision, RetryPolicy, backoff_s, decide
+from pipeline.providers.classify import classify_status
+from pipeline.providers.headers import exceeds_token_limit, parse_duration, parse_retry_after, rate_limit_wait
 
 P = RetryPolicy()  # max_attempts 6, base 0.5, cap 20, retry-after cap 120
 NO_HEADERS: dict[str, str] = {}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import KEY, make_big_market, prepare_index, rows, spawn, wait_for_rows
-from pipeline.outputs import CAPTION_COLUMNS, ERROR_COLUMNS, read_table, write_csv_atomic
+from pipeline.ledger.outputs import CAPTION_COLUMNS, ERROR_COLUMNS, read_table, write_csv_atomic
 from pipeline.testing import synth
 from pipeline.testing.loopback import expected_caption
 

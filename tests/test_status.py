@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-import pipeline.status as status_mod
+import pipeline.review.status as status_mod
 from pipeline.errors import InputError
-from pipeline.outputs import (
+from pipeline.ledger.outputs import (
     ATTRIBUTE_META_COLUMNS,
     ATTRIBUTES,
     CAPTION_COLUMNS,
@@ -30,7 +30,7 @@ from pipeline.outputs import (
     write_csv_atomic,
 )
 from pipeline.records import CaptionRow, ErrorRow
-from pipeline.status import StatusReport, collect_status, parse_time, pid_alive, render_status
+from pipeline.review.status import StatusReport, collect_status, parse_time, pid_alive, render_status
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 

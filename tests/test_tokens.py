@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.tokens import (
+from pipeline.providers.tokens import (
     DEFAULT_MAX_OUTPUT_TOKENS,
     MESSAGE_OVERHEAD_TOKENS,
     TILE_4O,

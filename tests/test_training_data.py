@@ -42,7 +42,7 @@ def test_several_prompt_files_and_captions_keyed_and_resumed(cli, server, api_en
     # remove one caption slot of one image: the rerun asks only for that one
     kept = [r for r in table if not (r["image_id"] == table[0]["image_id"] and r["prompt_name"] == "base_zh"
                                      and r["caption_index"] == "1")]
-    from pipeline.outputs import CAPTION_COLUMNS, write_csv_atomic
+    from pipeline.ledger.outputs import CAPTION_COLUMNS, write_csv_atomic
 
     write_csv_atomic(out / "captions_all.csv", CAPTION_COLUMNS, ([r[c] for c in CAPTION_COLUMNS] for r in kept))
     # ... and from its part, which would otherwise give the paid row back to captions_all.csv

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import BinaryIO, Iterable
 
-from pipeline.outputs import ENCODING_WRITE_NEW, to_csv_text
+from pipeline.ledger.outputs import ENCODING_WRITE_NEW, to_csv_text
 
 ENCODING_APPEND = "utf-8"  # rows after the header: no second BOM
 

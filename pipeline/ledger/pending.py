@@ -30,7 +30,7 @@ from typing import Any
 from pipeline.errors import ConfigError
 from pipeline.ledger import appendfile
 from pipeline.ledger.appendfile import describe_write_error, header_bytes, records_bytes
-from pipeline.outputs import ATTRIBUTES, CAPTIONS_ALL, ERRORS, read_table
+from pipeline.ledger.outputs import ATTRIBUTES, CAPTIONS_ALL, ERRORS, read_table
 
 PENDING_GLOB = "pending-*.jsonl"
 TEMP_PREFIX = "reid-prompt-pending-"

@@ -31,7 +31,7 @@ from typing import Iterable, Mapping
 from pipeline.errors import OutputError
 from pipeline.ledger import appendfile
 from pipeline.ledger.pending import merge_pending
-from pipeline.outputs import (
+from pipeline.ledger.outputs import (
     ATTRIBUTE_ROW_COLUMNS,
     ATTRIBUTES,
     CAPTION_COLUMNS,

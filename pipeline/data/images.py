@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.backends.base import ImagePayload
+from pipeline.providers.base import ImagePayload
 from pipeline.errors import ImageError
 
 # The formats the API accepts as they are, with the MIME type it expects.

@@ -31,8 +31,8 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 
 if TYPE_CHECKING:
-    from pipeline.control import Gate
-    from pipeline.stats import RunStats
+    from pipeline.run.control import Gate
+    from pipeline.run.stats import RunStats
 
 __all__ = [
     "DEFAULT_BASE_URL",

@@ -1,7 +1,7 @@
 """The OpenAI backend: any OpenAI-compatible chat-completions server, through the real `openai` SDK.
 
 One `AsyncOpenAI` client for the whole run, on the SDK's aiohttp transport with a connection pool sized
-to the worker pool. The SDK's own retries are off: the pipeline owns retries (pipeline.retry) so that
+to the worker pool. The SDK's own retries are off: the pipeline owns retries (pipeline.run.retry) so that
 every attempt is counted and a 429 pauses the whole pool.
 
 Requests go through the SDK's documented low-level call, `client.post("/chat/completions",
@@ -38,10 +38,10 @@ try:  # the SDK's HTTP library: httpx2 in openai>=3, httpx before
 except ImportError:  # pragma: no cover - older SDKs
     import httpx as _httpx  # type: ignore[no-redef]
 
-from pipeline.backends.base import APIFailure, ErrorKind, ModelReply, ModelRequest
+from pipeline.providers.base import APIFailure, ErrorKind, ModelReply, ModelRequest
 from pipeline.records import Usage
-from pipeline.refusals import is_empty, looks_like_refusal
-from pipeline.retry import classify_status
+from pipeline.providers.refusals import is_empty, looks_like_refusal
+from pipeline.providers.classify import classify_status
 
 
 def build_messages(req: ModelRequest) -> list[dict[str, Any]]:

@@ -25,11 +25,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from pipeline.dashboard import fmt_int, fmt_spent, percent, reasons_text
+from pipeline.review.dashboard import fmt_int, fmt_spent, percent, reasons_text
 from pipeline.errors import InputError, ReidPromptError
 from pipeline.ledger.costs import Spent, open_failures
-from pipeline.manifest import read_manifest
-from pipeline.outputs import (
+from pipeline.ledger.manifest import read_manifest
+from pipeline.ledger.outputs import (
     CAPTIONS_ALL,
     ERRORS,
     MANIFEST,
@@ -258,7 +258,7 @@ def _index_images(manifest: dict[str, Any], out_dir: Path, warnings: list[str]) 
     if not isinstance(raw, str) or not raw:
         return None
     try:
-        from pipeline.index import load_index
+        from pipeline.data.index import load_index
 
         loaded = load_index(_resolve_index_path(raw, out_dir), follow_symlinks=True)
     except (ReidPromptError, OSError, ValueError, ImportError) as exc:

@@ -32,7 +32,7 @@ from typing import Mapping
 
 from aiolimiter import AsyncLimiter
 
-from pipeline.retry import header_int, parse_duration
+from pipeline.providers.headers import header_int, parse_duration
 
 __all__ = ["RateLimiter", "Reservation", "HeaderSnapshot"]
 
@@ -42,7 +42,7 @@ def _check_aiolimiter() -> None:
     missing = [name for name in ("_level", "_leak", "_rate_per_sec") if not hasattr(probe, name)]
     if missing:  # pragma: no cover - only on an aiolimiter whose internals changed
         raise ImportError(
-            f"pipeline.limits needs aiolimiter internals {missing}; this aiolimiter version changed them"
+            f"pipeline.run.limits needs aiolimiter internals {missing}; this aiolimiter version changed them"
         )
 
 

@@ -1,7 +1,7 @@
 """What a backend takes and gives back, and the typed failures it raises.
 
 A backend turns one `ModelRequest` into one `ModelReply` or raises `APIFailure` with an `ErrorKind`.
-The retry policy (`pipeline.retry`) and the rate limiter (`pipeline.limits`) read only these types,
+The retry policy (`pipeline.run.retry`) and the rate limiter (`pipeline.run.limits`) read only these types,
 never exception messages.
 """
 

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Iterator
 import anyio
 from anyio.abc import ObjectSendStream
 
-from pipeline.prompts import has_templates, prompt_hash
+from pipeline.data.prompts import has_templates, prompt_hash
 from pipeline.records import IndexEntry, Prompt
 
 if TYPE_CHECKING:
-    from pipeline.control import Controller
+    from pipeline.run.control import Controller
 
 
 @dataclass

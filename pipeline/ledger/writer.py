@@ -23,7 +23,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import Callable, Iterable, Protocol
 
 import anyio
 from anyio.abc import ObjectReceiveStream
@@ -33,7 +33,7 @@ from pipeline.ledger import appendfile
 from pipeline.ledger.appendfile import describe_write_error
 from pipeline.ledger.pending import HeldFile, save_pending
 from pipeline.ledger.recover import recover_folder
-from pipeline.outputs import (
+from pipeline.ledger.outputs import (
     ATTRIBUTES,
     CAPTION_COLUMNS,
     CAPTIONS_ALL,
@@ -54,8 +54,13 @@ Key = tuple[str, str, int]
 Result = CaptionRow | ErrorRow | AttributeRow
 MAX_HELD_PART_ROWS = 10_000  # a part that stays unwritable is given up beyond this: it is rebuilt at next start
 
-if TYPE_CHECKING:
-    from pipeline.control import Gate
+
+class Gate(Protocol):
+    """What the writer needs of the run's request gate (`pipeline.run.control.Gate`): hold and release."""
+
+    def close(self, cause: str, why: str = "") -> None: ...
+
+    def open(self, cause: str) -> None: ...
 
 
 @dataclass

@@ -8,7 +8,7 @@ A prompt is a file; its name is the file stem, and that name is what captions_al
   each image gets one of them. Varied sentence shapes beat one static instruction for text-to-image ReID
   training (Tan et al., CVPR 2024).
 * `NAME.json` — a structured (attribute) prompt: `{"instruction", "name", "schema"}`; see
-  `pipeline.attributes` for the schema rules. `Prompt.text` is the instruction, `Prompt.schema` the schema.
+  `pipeline.data.attributes` for the schema rules. `Prompt.text` is the instruction, `Prompt.schema` the schema.
 
 The template is chosen by a stable hash of (seed, prompt name, image id, caption index), never by
 Python's salted `hash()` or a global RNG, so a resumed or rerun job asks exactly the same question.
@@ -22,7 +22,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.attributes import schema_problems
+from pipeline.data.attributes import schema_problems
 from pipeline.errors import PromptError
 from pipeline.records import Prompt
 
@@ -31,7 +31,7 @@ TEMPLATES_SUFFIX = ".templates.txt"
 PROMPT_SUFFIXES = (".txt", ".json")
 
 # Where the bundled prompts live (a source checkout; the CLI may use it as the default `--prompts`).
-BUNDLED_PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+BUNDLED_PROMPTS_DIR = Path(__file__).resolve().parents[2] / "prompts"
 
 
 # --- loading -----------------------------------------------------------------------------------------
@@ -137,7 +137,7 @@ def _parse_json_prompt(raw: str, path: Path) -> tuple[str, dict]:
 
     The schema is checked here (strict-mode rules) so a bad file fails before any request is paid for.
     The file's "name" becomes the schema's "title" unless it has one: it is the json_schema name sent
-    to the API (`pipeline.attributes.response_format`), while the prompt's own name stays the file stem.
+    to the API (`pipeline.data.attributes.response_format`), while the prompt's own name stays the file stem.
     """
     try:
         data = json.loads(raw)

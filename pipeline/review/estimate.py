@@ -2,7 +2,7 @@
 
 The arithmetic (`estimate_cost`) is a pure function of hand-made items and a price, so it is tested
 without images or files. `build_estimate` does the reading: what is done (the same keys the writer
-counts when a run resumes), what the runner would still ask for (`pipeline.runner.plan_jobs`, so the
+counts when a run resumes), what the runner would still ask for (`pipeline.run.runner.plan_jobs`, so the
 forecast and the run never disagree on the work), and each image's pixel size from its header only.
 
 Reading 100,000 headers over a network drive takes minutes, so above `SAMPLE_SIZE` requests a seeded
@@ -25,14 +25,14 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from pipeline.dashboard import fmt_int, fmt_spent, fmt_usd
+from pipeline.review.dashboard import fmt_int, fmt_spent, fmt_usd
 from pipeline.ledger.costs import Spent
 from pipeline.errors import ReidPromptError
-from pipeline.outputs import CAPTIONS_ALL, DoneRead, caption_from_dict, read_done
-from pipeline.prompts import billed_text, render_prompt
-from pipeline.pricing import ModelPrice, PricingTable, cost_usd, load_pricing
+from pipeline.ledger.outputs import CAPTIONS_ALL, DoneRead, caption_from_dict, read_done
+from pipeline.data.prompts import billed_text, render_prompt
+from pipeline.providers.pricing import ModelPrice, PricingTable, cost_usd, load_pricing
 from pipeline.records import IndexEntry, Prompt, Usage
-from pipeline.tokens import DEFAULT_MAX_OUTPUT_TOKENS, MESSAGE_OVERHEAD_TOKENS, image_tokens, text_tokens
+from pipeline.providers.tokens import DEFAULT_MAX_OUTPUT_TOKENS, MESSAGE_OVERHEAD_TOKENS, image_tokens, text_tokens
 
 SAMPLE_SIZE = 2_000  # image headers read at most; above this many requests the figures are scaled
 DEFAULT_OUTPUT_TOKENS = 60  # per caption, when the folder has too few captions to measure
@@ -124,7 +124,7 @@ def estimate_cost(
 ) -> CostEstimate:
     """Tokens and USD for `items`: per request the image and prompt are paid once, output per caption.
 
-    Input per request = framing + prompt text + image (the same sum as `pipeline.tokens.estimate_request`);
+    Input per request = framing + prompt text + image (the same sum as `pipeline.providers.tokens.estimate_request`);
     output = n x min(expected, max_tokens). When `items` is a sample, `scale_to` is the number of
     requests it stands for and every count and cost is scaled by scale_to / len(items).
     """
@@ -267,7 +267,7 @@ def build_estimate(
     the requests a run would send: one per (image, prompt) with the missing caption slots as `n`.
     `done` is the folder as already read, if the caller has it; else it is read here.
     """
-    from pipeline.dispatch import count_work, plan_jobs
+    from pipeline.run.dispatch import count_work, plan_jobs
 
     out_dir = Path(out_dir)
     if done is None and out_dir.is_dir():
@@ -330,7 +330,7 @@ def build_estimate(
 
 
 def estimate_for_run(prep: Any) -> CostEstimate:
-    """The CLI's `run --dry-run`: `build_estimate` for a prepared run (`pipeline.runner.Prepared`).
+    """The CLI's `run --dry-run`: `build_estimate` for a prepared run (`pipeline.run.runner.Prepared`).
 
     Reads only prep.index.entries, prep.prompts, prep.price, and from prep.cfg the output folder, the
     model options, the budget and the price overrides; nothing else of the run's configuration.

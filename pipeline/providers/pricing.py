@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline.errors import ConfigError
 from pipeline.records import Usage
-from pipeline.tokens import TILE_4O, ImageRule
+from pipeline.providers.tokens import TILE_4O, ImageRule
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 # The repository's config/ next to the package (the project is installed editable).
-DEFAULT_PRICING_PATH = Path(__file__).resolve().parent.parent / "config" / "pricing.toml"
+DEFAULT_PRICING_PATH = Path(__file__).resolve().parents[2] / "config" / "pricing.toml"
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from collections import Counter
 
 from PIL import Image
 
-from pipeline.backends.base import ModelReply, ModelRequest
+from pipeline.providers.base import ModelReply, ModelRequest
 from pipeline.records import Usage
 
 # Market-1501 / DukeMTMC-reID colour names with a representative RGB value each.

@@ -3,7 +3,7 @@
 The bundled schemas (prompts/attributes.json, prompts/attributes_duke.json) mirror the Market-1501 and
 DukeMTMC-reID attribute annotations. Yes/no attributes (hat, backpack, bag, handbag, boots) are JSON
 booleans: strict mode supports them and they cannot be misspelt; attributes.csv shows them as yes/no
-(`pipeline.outputs`).
+(`pipeline.ledger.outputs`).
 
 The validator covers exactly the JSON-schema subset those files use — type (object, string, boolean,
 integer, number, array, null, or a list of them), enum, properties, required, additionalProperties false,
@@ -19,7 +19,7 @@ import re
 from typing import Any
 
 from pipeline.errors import ImageError, PromptError
-from pipeline.outputs import ATTRIBUTE_META_COLUMNS
+from pipeline.ledger.outputs import ATTRIBUTE_META_COLUMNS
 from pipeline.records import Prompt
 
 SUPPORTED_TYPES = ("object", "string", "boolean", "integer", "number", "array", "null")

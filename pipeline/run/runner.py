@@ -28,35 +28,36 @@ import sys
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Protocol
 
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
-from rich.console import Console
 
-from pipeline.attributes import AttributeValidationError, field_names, response_format, validate_answer
-from pipeline.backends.base import APIFailure, Backend, ErrorKind, ModelReply, ModelRequest
+from pipeline.data.attributes import AttributeValidationError, field_names, response_format, validate_answer
+from pipeline.providers.base import APIFailure, Backend, ErrorKind, ModelReply, ModelRequest
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, FatalAPIError, ImageError, ServerUnreachableError
-from pipeline.images import payload_from_bytes, read_bytes
-from pipeline.index import LoadedIndex, load_index
-from pipeline.limits import RateLimiter
-from pipeline.manifest import now_iso
+from pipeline.data.images import payload_from_bytes, read_bytes
+from pipeline.data.index import LoadedIndex, load_index
+from pipeline.run.limits import RateLimiter
+from pipeline.ledger.manifest import now_iso
 from pipeline.ledger.costs import budget_refusal, new_run_id, price_warning, retried_reason
-from pipeline.pricing import ModelPrice, cost_usd, load_pricing, resolve_price, row_cost
-from pipeline.prompts import billed_text, load_prompts, render_prompt
+from pipeline.providers.pricing import ModelPrice, cost_usd, load_pricing, resolve_price, row_cost
+from pipeline.data.prompts import billed_text, load_prompts, render_prompt
 from pipeline.records import AttributeRow, CaptionRow, ErrorRow, IndexEntry, Prompt, Usage
-from pipeline.retry import RetryPolicy, decide
-from pipeline.stats import RunStats, Snapshot
-from pipeline.tokens import estimate_request
-from pipeline.control import Controller, signal_handlers, watch_until
-from pipeline.outage import DEFAULT_BASE_URL, OutagePolicy, OutageTracker, cannot_reach_message, watch_outages
-from pipeline.dispatch import Dispatcher, Job, count_work, plan_jobs
+from pipeline.run.retry import RetryPolicy, decide
+from pipeline.run.stats import RunStats, Snapshot
+from pipeline.providers.tokens import estimate_request
+from pipeline.run.control import Controller, signal_handlers, watch_until
+from pipeline.run.outage import DEFAULT_BASE_URL, OutagePolicy, OutageTracker, cannot_reach_message, watch_outages
+from pipeline.run.dispatch import Dispatcher, Job, count_work, plan_jobs
 from pipeline.ledger.inputs import Change, Inputs, check_inputs, current_inputs, fingerprint_file, folder_has_rows
 from pipeline.ledger.lock import FolderLock
-from pipeline.manifest import ManifestKeeper, read_manifest
-from pipeline.outputs import output_csv_names
+from pipeline.ledger.manifest import read_manifest
+from pipeline.run.keeper import ManifestKeeper
+from pipeline.ledger.outputs import output_csv_names
 from pipeline.ledger.appendfile import describe_write_error
-from pipeline.writer import HoldPolicy, OutputWriter, ResumeState, Result, writer_task
+from pipeline.ledger.writer import HoldPolicy, OutputWriter, ResumeState, Result, writer_task
 
 JOB_BUFFER = 0  # the dispatcher hands a job over only when a worker is free: retries stay fresh
 INLINE_DECODE_BYTES = 512 * 1024  # smaller images are checked on the loop (cheaper than a thread hop)
@@ -80,7 +81,7 @@ class Context:
     answers: int = 0
     answered_cost: float = 0.0
     rng: random.Random = field(default_factory=random.Random)
-    outage: OutageTracker | None = None  # can the server be reached (pipeline.outage); None: stop at once
+    outage: OutageTracker | None = None  # can the server be reached (pipeline.run.outage); None: stop at once
 
 
 @dataclass(frozen=True)
@@ -554,10 +555,10 @@ def run_inputs(cfg: RunConfig, index: LoadedIndex, prompts: list[Prompt]) -> Inp
 
 def make_backend(cfg: RunConfig, api_key: str | None) -> Backend:
     if cfg.model.backend == "offline":
-        from pipeline.backends.offline import OfflineBackend
+        from pipeline.providers.offline import OfflineBackend
 
         return OfflineBackend()
-    from pipeline.backends.openai import OpenAIBackend
+    from pipeline.providers.openai import OpenAIBackend
 
     assert api_key is not None
     return OpenAIBackend(
@@ -569,7 +570,33 @@ def make_backend(cfg: RunConfig, api_key: str | None) -> Backend:
     )
 
 
-async def _view_loop(view, finished: anyio.Event, period: float) -> None:
+class View(Protocol):
+    """What the run asks of a view (the dashboard, plain progress lines): it reads RunStats, never writes."""
+
+    def start(self) -> None: ...
+
+    def refresh(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+ViewFactory = Callable[[RunStats], View]
+
+
+class NoView:
+    """No view at all (library use, tests)."""
+
+    def start(self) -> None:
+        pass
+
+    def refresh(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+async def _view_loop(view: View, finished: anyio.Event, period: float) -> None:
     view.start()
     try:
         while not finished.is_set():
@@ -583,12 +610,10 @@ async def _view_loop(view, finished: anyio.Event, period: float) -> None:
 async def run_prepared(
     prep: Prepared,
     *,
-    console: Console | None = None,
+    views: ViewFactory | None = None,
     backend: Backend | None = None,
     install_signals: bool = True,
 ) -> RunResult:
-    from pipeline.dashboard import make_view
-
     cfg = prep.cfg
     backend = backend or make_backend(cfg, prep.api_key)
     spent_before = prep.resume.read.spent if prep.resume.read is not None else None
@@ -615,7 +640,7 @@ async def run_prepared(
     keeper = ManifestKeeper(cfg.out, describe_run(prep), stats, prep.resume.cost_usd, prep.previous_manifest)
     keeper.record_changes([asdict(c) for c in prep.accepted_changes])
     workers = worker_count(cfg.limits.concurrency, prep.total - prep.skipped)
-    view = make_view(stats, console, dashboard=cfg.dashboard, every_s=cfg.progress_every)
+    view = views(stats) if views is not None else NoView()  # the views read stats; the run never needs them
     finished = anyio.Event()
     work_done = anyio.Event()
 
@@ -699,7 +724,19 @@ def worker_count(concurrency: int, items_left: int) -> int:
     return max(1, min(concurrency, MAX_WORKERS, items_left))
 
 
-def describe_run(prep: Prepared) -> dict:
+def _pricing_name(table) -> str:
+    """config/pricing.toml as the user knows it (the file's folder and name)."""
+    source = getattr(table, "source", None)
+    return f"{source.parent.name}/{source.name}" if source is not None else "config/pricing.toml"
+
+
+def start_warnings(prep: Prepared) -> list[str]:
+    """One-line warnings a run starts with (printed before the first request)."""
+    warning = price_warning(prep.price.model, prep.price.known)
+    return [warning] if warning else []
+
+
+def describe_run(prep: Prepared) -> dict[str, Any]:
     """The manifest's fixed facts: what this run is made from and how it is driven (never the key)."""
     cfg = prep.cfg
     return {
@@ -732,24 +769,12 @@ def describe_run(prep: Prepared) -> dict:
     }
 
 
-def _pricing_name(table) -> str:
-    """config/pricing.toml as the user knows it (the file's folder and name)."""
-    source = getattr(table, "source", None)
-    return f"{source.parent.name}/{source.name}" if source is not None else "config/pricing.toml"
-
-
-def start_warnings(prep: Prepared) -> list[str]:
-    """One-line warnings a run starts with (printed before the first request)."""
-    warning = price_warning(prep.price.model, prep.price.known)
-    return [warning] if warning else []
-
-
-def run(cfg: RunConfig, *, console: Console | None = None) -> RunResult:
+def run(cfg: RunConfig, *, views: ViewFactory | None = None) -> RunResult:
     """Check everything, then run the pipeline on a fresh event loop."""
     prep = prepare(cfg)
     try:
         for warning in start_warnings(prep):
             print(f"warning: {warning}", file=sys.stderr)
-        return anyio.run(lambda: run_prepared(prep, console=console))
+        return anyio.run(lambda: run_prepared(prep, views=views))
     finally:
         prep.release()

@@ -27,9 +27,9 @@ from rich.table import Table
 from rich.text import Text
 
 from pipeline.ledger.costs import Spent
-from pipeline.outage import outage_text
-from pipeline.outputs import CAPTIONS_ALL, ERRORS, MANIFEST
-from pipeline.stats import RunStats, Snapshot
+from pipeline.run.outage import outage_text
+from pipeline.ledger.outputs import CAPTIONS_ALL, ERRORS, MANIFEST
+from pipeline.run.stats import RunStats, Snapshot
 
 CAPTION_CHARS = 80  # a caption on the dashboard is cut to one line of about this many characters
 IMAGE_ID_CHARS = 44  # image ids are cut from the left: the file name is the part that tells images apart

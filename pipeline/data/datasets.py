@@ -1,7 +1,7 @@
 """Dataset layouts: file-name parsing and folder scanning for the common person ReID sets.
 
 Everything here is a plain function over names and folders so the rules can be table-tested without a
-real dataset. The index builder (`pipeline.index`) is the only caller that touches the disk through
+real dataset. The index builder (`pipeline.data.index`) is the only caller that touches the disk through
 `scan_dataset`; the list-index loader only uses the name parsers.
 
 Layouts handled (as the datasets' readmes and the torchreid/fast-reid loaders describe them):

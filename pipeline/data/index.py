@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.datasets import (
+from pipeline.data.datasets import (
     DatasetImage,
     check_splits,
     detect_dataset,

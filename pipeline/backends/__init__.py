@@ -1,1 +1,0 @@
-"""Model backends: `openai` (any OpenAI-compatible server) and `offline` (pixels only, no network)."""

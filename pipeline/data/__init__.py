@@ -1,0 +1,1 @@
+"""What goes into a run: dataset layouts and file names, the image index, images, prompts and schemas."""

@@ -1,0 +1,68 @@
+"""An HTTP error answer as an ErrorKind: by status, OpenAI's error `code` and `type`, never the message.
+
+Every provider's failures become one of these kinds (`pipeline.providers.base.ErrorKind`); the retry
+policy and the CLI read only the kind.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from pipeline.providers.base import ErrorKind
+from pipeline.providers.headers import exceeds_token_limit
+
+__all__ = ["classify_status"]
+
+
+_QUOTA_CODES = frozenset({"insufficient_quota", "billing_not_active", "billing_hard_limit_reached"})
+_TOO_LARGE_CODES = frozenset(
+    {"request_too_large", "context_length_exceeded", "string_above_max_length", "tokens_exceeded"}
+)
+_AUTH_CODES = frozenset({"invalid_api_key", "invalid_authentication"})
+
+
+def classify_status(
+    status: int,
+    code: str | None,
+    *,
+    error_type: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    reserve_tokens: int | None = None,
+) -> ErrorKind:
+    """Map an HTTP status and OpenAI's error `code` (and optionally `type`) to an ErrorKind.
+
+    Codes refine the status; messages are never read. Notes:
+    - 429 is a rate limit unless the code/type says quota (OpenAI has sent insufficient_quota with
+      code null and type "insufficient_quota", hence `error_type`). "Request too large" arrives as 429
+      rate_limit_exceeded; pass the 429's `headers` and the request's `reserve_tokens` to detect it
+      (`exceeds_token_limit`), otherwise it is retried as a rate limit until attempts run out.
+    - 413 and context-length codes are TOO_LARGE; 402 (payment required, used by some compatible
+      gateways) is QUOTA; 409 (conflict/lock, retried by the SDK too) and 5xx are SERVER.
+    """
+    c = (code or "").strip().lower()
+    t = (error_type or "").strip().lower()
+    if status == 429:
+        if c in _QUOTA_CODES or t in _QUOTA_CODES:
+            return ErrorKind.QUOTA
+        if c in _TOO_LARGE_CODES:
+            return ErrorKind.TOO_LARGE
+        if headers is not None and reserve_tokens is not None and exceeds_token_limit(headers, reserve_tokens):
+            return ErrorKind.TOO_LARGE
+        return ErrorKind.RATE_LIMIT
+    if status == 413 or c in _TOO_LARGE_CODES:
+        return ErrorKind.TOO_LARGE
+    if status == 402 or c in _QUOTA_CODES:
+        return ErrorKind.QUOTA
+    if status == 401 or c in _AUTH_CODES:
+        return ErrorKind.AUTH
+    if status == 403:
+        return ErrorKind.PERMISSION
+    if status == 404 or c == "model_not_found":
+        return ErrorKind.NOT_FOUND
+    if status == 408:
+        return ErrorKind.TIMEOUT
+    if status == 409 or 500 <= status <= 599:
+        return ErrorKind.SERVER
+    if status in (400, 422):
+        return ErrorKind.BAD_REQUEST
+    return ErrorKind.OTHER

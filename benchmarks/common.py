@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
-PROMPT_FILE = REPO / "prompts" / "base.txt"
+PROMPT_FILE = REPO / "pipeline" / "bundled" / "prompts" / "base.txt"  # the bundled base prompt (package data)
 CACHE = Path(tempfile.gettempdir()) / "reid-prompt-bench"
 IMAGES_PER_ID = {"train": 5, "query": 1, "gallery": 4}  # 10 images per identity pair
 MODEL = "gpt-4o-mini"

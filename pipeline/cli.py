@@ -13,11 +13,38 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from pipeline import __version__
-from pipeline.config import LimitConfig, ModelConfig, PriceConfig, RunConfig
+from pipeline.config import LimitConfig, ModelConfig, PriceConfig, RunConfig, SubsetConfig
 from pipeline.errors import EXIT_INTERRUPTED, EXIT_MEANINGS, InputError, ReidPromptError, exit_code_for
+from pipeline.providers.presets import (
+    AZURE_API_VERSION,
+    DEFAULT_PROVIDER,
+    default_model,
+    provider_names,
+    resolve_api_version,
+    resolve_endpoint,
+)
+from pipeline.run.sample import subset_flags
+from pipeline.settings import (
+    ConfigFile,
+    DotenvLoad,
+    SOURCE_ENVIRONMENT,
+    Setting,
+    apply_overrides,
+    command_name,
+    config_path_in,
+    describe_settings,
+    given_on_command_line,
+    key_lines,
+    load_config,
+    load_dotenv_file,
+    render_settings,
+    variable_source,
+)
 
 EXIT_CODES_HELP = "exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_MEANINGS.items())
 MAX_CONCURRENCY = 1024  # more requests in flight help no server or rate limit; capped with a note
+DEFAULT_BATCH_SIZE = 20  # images per part file, as the seed's scripts ask (their default answer)
+DEFAULT_PROMPT = "base"  # the bundled prompt a run uses when none is given
 
 
 def _number(text: str, cast: type, what: str) -> float:
@@ -63,14 +90,34 @@ def _fraction(text: str) -> float:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line plus the usage hint, exit 2 (its default code)."""
+    """argparse, but a usage error is one line plus the usage hint, exit 2 (its default code), and no
+    abbreviations: `--mod` is not `--model`, and a typo of a prefix never becomes another flag."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"error: {message} (see `python -m pipeline {self.prog.split()[-1]} --help`)\n")
+        # self.prog is the command as typed: `reid-prompt run`, `python -m pipeline run`
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """As argparse, but an unknown option's hint names the subcommand's help, where the options are."""
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(ns, "command", None)
+            prog = f"{self.prog} {command}" if command else self.prog
+            self.exit(2, f"error: unrecognized arguments: {' '.join(extras)} (see `{prog} --help`)\n")
+        return ns
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m pipeline", description="Caption person re-ID image sets with a vision model.")
+def _whole_number(text: str) -> int:
+    return int(_number(text, int, "a whole number"))
+
+
+def build_parser(prog: str = "python -m pipeline") -> argparse.ArgumentParser:
+    """The command line; `prog` is the command the user typed (`settings.command_name`)."""
+    parser = _Parser(prog=prog, description="Caption person re-ID image sets with a vision model.")
     parser.add_argument("--version", action="version", version=f"reid-prompt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -84,20 +131,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help="index images that are symlinks to files outside the root (refused by default)")
 
     r = sub.add_parser("run", help="caption every image of an index (resumes what is done)",
+                       description="Caption every image of an index (resumes what is done). A .env file in "
+                                   "the current folder is read for OPENAI_API_KEY, OPENAI_BASE_URL and the "
+                                   "providers' keys; variables already set in the environment win.",
                        epilog=EXIT_CODES_HELP)
     r.add_argument("--index", required=True, type=Path, help="index from `prepare`, a JSON list of paths, or a text file of paths")
     r.add_argument("--out", required=True, type=Path, help="output folder (captions_all.csv, parts, errors.csv, manifest.json)")
     r.add_argument("--root", type=Path, default=None, help="image root for a plain list of paths (default: the list's folder)")
     r.add_argument("--prompt-file", "--prompt_file", dest="prompt_files", action="append", type=Path, default=[],
-                   help="prompt file (repeatable; the file stem names the prompt)")
+                   help="prompt file, or the name of a bundled prompt (repeatable; the file stem names the prompt; "
+                        f"default: the bundled {DEFAULT_PROMPT!r} when neither this nor --prompts is given)")
     r.add_argument("--prompts", dest="prompts_dir", type=Path, default=None, help="use every prompt in this folder")
-    r.add_argument("--batch-size", "--batch_size", dest="batch_size", type=_positive_int, default=1000,
-                   help="images per captions_part_NNNN.csv (default 1000)")
+    r.add_argument("--batch-size", "--batch_size", dest="batch_size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
+                   help=f"images per captions_part_NNNN.csv (default {DEFAULT_BATCH_SIZE})")
+    subset = r.add_mutually_exclusive_group()
+    subset.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+                        help="only the first N images of the index (every prompt and caption of each); "
+                             "a later run without --limit continues with the rest")
+    subset.add_argument("--sample", type=_positive_int, default=None, metavar="N",
+                        help="only N images spread across persons and cameras (the same N for the same --seed); "
+                             "a later run without --sample continues with the rest")
+    r.add_argument("--seed", type=_whole_number, default=0, help="which images --sample picks (default 0)")
+    r.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="TOML file of run options (keys: the long option names, e.g. model = \"qwen-vl-plus\"); "
+                        "options on the command line override it")
+    r.add_argument("--print-config", action="store_true",
+                   help="print every option that would be used and where it came from, then exit 0 without running")
     r.add_argument("--concurrency", type=_positive_int, default=16, help="requests in flight at most (default 16)")
-    r.add_argument("--model", default="gpt-4o-mini", help="model name (default gpt-4o-mini)")
+    r.add_argument("--model", default=None,
+                   help="model name, for azure the deployment name (default: the provider's, gpt-4o-mini for "
+                        "openai, qwen-vl-plus for dashscope, gemini-2.5-flash for gemini)")
+    r.add_argument("--provider", choices=provider_names(), default=DEFAULT_PROVIDER,
+                   help="whose API: sets the endpoint (unless --base-url), the key variable (DASHSCOPE_API_KEY, "
+                        "GEMINI_API_KEY, OPENROUTER_API_KEY, AZURE_OPENAI_API_KEY; else OPENAI_API_KEY) and prices; "
+                        "dashscope is China (Beijing), dashscope-intl Singapore; vllm, ollama, lmstudio are local, "
+                        "need no key and cost 0 (default openai)")
+    r.add_argument("--api-version", default=None,
+                   help=f"Azure OpenAI api-version (default: $OPENAI_API_VERSION, else {AZURE_API_VERSION})")
     r.add_argument("--backend", choices=["openai", "offline"], default="openai",
                    help="openai: any OpenAI-compatible server; offline: colour baseline from pixels, no network")
-    r.add_argument("--base-url", default=None, help="OpenAI-compatible server URL (default: $OPENAI_BASE_URL or OpenAI)")
+    r.add_argument("--base-url", default=None, help="OpenAI-compatible server URL (default: $OPENAI_BASE_URL, also read from .env, or OpenAI)")
     r.add_argument("--detail", choices=["low", "high", "auto"], default="low", help="image detail (default low)")
     r.add_argument("--max-tokens", type=_positive_int, default=300, help="answer length cap in tokens (default 300)")
     r.add_argument("--temperature", type=_non_negative_float, default=None)
@@ -107,7 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tpm", type=_non_negative_float, default=None, help="tokens per minute (default: learn from headers)")
     r.add_argument("--max-attempts", type=_positive_int, default=6, help="attempts per image before it goes to errors.csv")
     r.add_argument("--max-cost", type=_non_negative_float, default=None, help="USD budget for this output folder")
-    r.add_argument("--price-in", type=_non_negative_float, default=None, help="USD per 1M input tokens (overrides config/pricing.toml)")
+    r.add_argument("--pricing", dest="pricing_file", type=Path, default=None, metavar="FILE",
+                   help="your own pricing TOML (default: $REID_PROMPT_PRICING, else config/pricing.toml in the "
+                        "current folder if there is one, else the bundled prices)")
+    r.add_argument("--price-in", type=_non_negative_float, default=None, help="USD per 1M input tokens (overrides the pricing file)")
     r.add_argument("--price-out", type=_non_negative_float, default=None, help="USD per 1M output tokens")
     r.add_argument("--price-cached-in", type=_non_negative_float, default=None, help="USD per 1M cached input tokens")
     r.add_argument("--dry-run", action="store_true", help="estimate tokens and cost of what is left; send nothing")
@@ -116,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "rows as done and record the change in the manifest (default: refuse, exit 2)")
     r.add_argument("--follow-symlinks", action="store_true",
                    help="use images that are symlinks to files outside the image root (refused by default)")
+    r.add_argument("--excel", action="store_true",
+                   help="start a new output folder's CSV files with a BOM, so Excel shows Chinese correctly "
+                        "(default: plain UTF-8; a folder keeps the encoding it was started with)")
     r.add_argument("--no-dashboard", action="store_true", help="plain progress lines instead of the live dashboard")
     r.add_argument("--progress-every", type=_non_negative_float, default=5.0, help="seconds between plain progress lines")
     r.add_argument("--grace", type=_non_negative_float, default=15.0, help="seconds answers in flight get after Ctrl-C")
@@ -144,10 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def no_prompt_given(a: argparse.Namespace) -> bool:
+    return not a.prompt_files and a.prompts_dir is None
+
+
 def config_from_args(a: argparse.Namespace) -> RunConfig:
-    if not a.prompt_files and a.prompts_dir is None:
-        raise InputError("no prompt given: pass --prompt-file FILE (repeatable) or --prompts DIR")
-    base_url = a.base_url or os.environ.get("OPENAI_BASE_URL") or None
+    """The run's options from the parsed command line (config file and command line merged already)."""
+    prompt_files = [Path(DEFAULT_PROMPT)] if no_prompt_given(a) else list(a.prompt_files)
+    # --base-url, else the provider's endpoint, else (openai) $OPENAI_BASE_URL: pipeline.providers.presets
+    base_url = resolve_endpoint(a.provider, a.base_url, os.environ).base_url if a.backend == "openai" else None
+    model = a.model or default_model(a.provider)
+    if a.backend == "openai" and not model:
+        raise InputError(f"--provider {a.provider} needs --model: the name of the model "
+                         f"{'deployment ' if a.provider == 'azure' else ''}to ask")
     concurrency = a.concurrency
     if concurrency > MAX_CONCURRENCY:
         print(f"note: --concurrency {concurrency:,} capped at {MAX_CONCURRENCY:,} (more requests in flight help "
@@ -157,13 +245,15 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
         index=a.index,
         root=a.root,
         out=a.out,
-        prompt_files=list(a.prompt_files),
+        prompt_files=prompt_files,
         prompts_dir=a.prompts_dir,
         batch_size=a.batch_size,
         model=ModelConfig(
             backend=a.backend,
-            model=a.model if a.backend == "openai" else "offline",
-            base_url=base_url if a.backend == "openai" else None,
+            model=model if a.backend == "openai" else "offline",
+            base_url=base_url,
+            provider=a.provider,
+            api_version=resolve_api_version(a.provider, a.api_version, os.environ),
             detail=a.detail,
             max_tokens=a.max_tokens,
             temperature=a.temperature,
@@ -182,12 +272,15 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
             hold_final_s=a.hold_final,
             outage_timeout=a.outage_timeout,
         ),
-        prices=PriceConfig(price_in=a.price_in, price_cached_in=a.price_cached_in, price_out=a.price_out),
+        prices=PriceConfig(price_in=a.price_in, price_cached_in=a.price_cached_in, price_out=a.price_out,
+                           pricing_file=a.pricing_file),
         dashboard=not a.no_dashboard,
         dry_run=a.dry_run,
         allow_changes=a.allow_changes,
         follow_symlinks=a.follow_symlinks,
+        excel=a.excel,
         progress_every=a.progress_every,
+        subset=SubsetConfig(limit=a.limit, sample=a.sample, seed=a.seed),
     )
 
 
@@ -214,29 +307,33 @@ def cmd_run(a: argparse.Namespace) -> int:
     from pipeline.run import runner
 
     cfg = config_from_args(a)
+    notes = [f"no prompt given: using the bundled prompt {DEFAULT_PROMPT!r}"] if no_prompt_given(a) else []
     console = Console()
     if cfg.dry_run:
-        return _dry_run(cfg, console)
+        return _dry_run(cfg, console, notes)
     from pipeline.review.dashboard import make_view
 
     result = runner.run(cfg, views=lambda stats: make_view(stats, console, dashboard=cfg.dashboard,
-                                                            every_s=cfg.progress_every))
-    return _report_run(result, console)
+                                                            every_s=cfg.progress_every), notes=notes)
+    return _report_run(result, console, subset_flags(cfg.subset))
 
 
-def _dry_run(cfg: RunConfig, console) -> int:
+def _dry_run(cfg: RunConfig, console, notes: Sequence[str] = ()) -> int:
     from pipeline.review.estimate import estimate_for_run, render_estimate
     from pipeline.run.runner import prepare
 
     prep = prepare(cfg, readonly=True)
+    for note in [*notes, *([prep.subset_note] if prep.subset_note else [])]:
+        print(f"note: {note}", file=sys.stderr)
     est = estimate_for_run(prep)
     render_estimate(est, console)
     return 0
 
 
-def _report_run(result, console) -> int:
+def _report_run(result, console, subset: str | None = None) -> int:
     """The end of a run: the summary table on a terminal, the repair notes, ONE summary line that says
-    how the run ended and with which exit code, and the fatal error's own line."""
+    how the run ended, on which subset of the index (`--limit`/`--sample`) and with which exit code,
+    and the fatal error's own line."""
     from pipeline.review.dashboard import render_summary, summary_line
 
     if console.is_terminal:
@@ -244,7 +341,8 @@ def _report_run(result, console) -> int:
     for note in result.repaired:
         print(f"repaired: {note}", file=sys.stderr)
     code = exit_code_for(result.state, result.snapshot.failed, result.fatal is not None, result.held)
-    print(f"{summary_line(result.snapshot)} (exit {code}: {EXIT_MEANINGS[code]})")
+    scope = f", subset {subset}" if subset else ""
+    print(f"{summary_line(result.snapshot)}{scope} (exit {code}: {EXIT_MEANINGS[code]})")
     if result.fatal is not None:
         print(f"error: {result.fatal}", file=sys.stderr)
     return code
@@ -324,9 +422,85 @@ def _tolerant_streams() -> None:
                 pass
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]
+    raise KeyError(name)
+
+
+def _parse(prog: str, argv: list[str], dotenv: DotenvLoad) -> argparse.Namespace | int:
+    """Parse the command line over the `--config` file's values; `run --print-config` is answered here
+    (it needs to know where each value came from). Returns the namespace, or an exit code."""
+    parser = build_parser(prog)
+    config: ConfigFile | None = None
+    if argv[:1] == ["run"]:  # the command is the first word: the main parser has no option taking a value
+        path = config_path_in(argv[1:])
+        if path is not None:
+            config = load_config(Path(path), _subparser(parser, "run"))
+    args = parser.parse_args(argv)
+    if args.command != "run":
+        return args
+    fresh = _subparser(build_parser(prog), "run")
+    typed = given_on_command_line(fresh, argv[1:])
+    apply_overrides(args, typed, config)
+    if args.print_config:
+        print_config(prog, _subparser(parser, "run"), args, typed.keys(), config, dotenv)
+        return 0
+    return args
+
+
+def print_config(prog: str, run_parser: argparse.ArgumentParser, a: argparse.Namespace, typed,
+                 config: ConfigFile | None, dotenv: DotenvLoad) -> None:
+    """`run --print-config`: every option's value and where it came from; key variables as set or not."""
+    from pipeline.providers.presets import get_preset
+
+    provider = getattr(a, "provider", None)
+    env: dict[str, tuple[str, str]] = {}  # options left unset that the provider or a variable fills in
+    if a.backend == "openai":
+        try:
+            endpoint = resolve_endpoint(provider, a.base_url, os.environ)
+        except ReidPromptError as exc:  # e.g. azure without its endpoint: said, not raised
+            endpoint = None
+            env["base_url"] = (f"(none: {_one_line(str(exc))})", "default")
+        if endpoint is not None and endpoint.base_url is not None and endpoint.source != "--base-url":
+            variable = endpoint.source if endpoint.source.isupper() else None
+            source = (f"{variable_source(variable, dotenv) or SOURCE_ENVIRONMENT} {variable}" if variable
+                      else f"--provider {provider}")
+            env["base_url"] = (endpoint.base_url, source)
+    if getattr(a, "model", None) is None and default_model(provider):
+        env["model"] = (default_model(provider), f"default for --provider {provider}")
+    rows = describe_settings(run_parser, a, typed, config, env)
+    if no_prompt_given(a):
+        rows = [r if r.option != "--prompt-file" else
+                Setting(r.option, DEFAULT_PROMPT, "default: no prompt given, the bundled prompt") for r in rows]
+    read = ([f"config file {config.path}"] if config is not None else []) + (
+        [f".env from {dotenv.path}"] if dotenv.path is not None else [])
+    where = f" ({'; '.join(read)})" if read else ""
+    print(f"{prog} run would use{where}:")
+    key_env = get_preset(provider).key_env if a.backend == "openai" else None
+    for line in render_settings(rows, key_lines(dotenv, always=[v for v in (key_env, "OPENAI_API_KEY") if v])):
+        print(line)
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """The command line. `prog`: the command as typed, for usage lines (default: from sys.argv[0])."""
     _tolerant_streams()
-    args = build_parser().parse_args(argv)
+    prog = prog or command_name(sys.argv[0] if sys.argv else "")
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    try:
+        try:
+            here = Path.cwd()
+        except OSError:  # the current folder was removed under us: there is no .env to read
+            here = None
+        dotenv = load_dotenv_file(here) if here is not None else DotenvLoad()
+        parsed = _parse(prog, argv, dotenv)
+    except ReidPromptError as exc:
+        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
+        return exc.exit_code
+    if isinstance(parsed, int):
+        return parsed
+    args = parsed
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

@@ -13,6 +13,9 @@ class ModelConfig:
     backend: str = "openai"  # "openai" | "offline"
     model: str = "gpt-4o-mini"
     base_url: str | None = None
+    # --provider (pipeline.providers.presets): its key variable, prices and, unless --base-url, endpoint
+    provider: str = "openai"
+    api_version: str | None = None  # Azure only: the api-version query parameter
     detail: str = "low"  # low | high | auto
     max_tokens: int = 300
     temperature: float | None = None
@@ -38,11 +41,25 @@ class LimitConfig:
 
 @dataclass
 class PriceConfig:
-    """USD per million tokens; None = take from config/pricing.toml for the model."""
+    """USD per million tokens; None = take from the pricing file for the model.
+
+    `pricing_file`: --pricing; None = $REID_PROMPT_PRICING, ./config/pricing.toml or the bundled file
+    (`pipeline.providers.pricing.choose_pricing_file`)."""
 
     price_in: float | None = None
     price_cached_in: float | None = None
     price_out: float | None = None
+    pricing_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class SubsetConfig:
+    """Which images of the index a run works on (pipeline.run.sample): all, the first `limit`, or a
+    `sample` spread across persons and cameras chosen by `seed`. Positions and resume stay the index's."""
+
+    limit: int | None = None
+    sample: int | None = None
+    seed: int = 0
 
 
 @dataclass
@@ -52,7 +69,7 @@ class RunConfig:
     root: Path | None = None  # image root for a plain list of paths
     prompt_files: list[Path] = field(default_factory=list)
     prompts_dir: Path | None = None
-    batch_size: int = 1000
+    batch_size: int = 20  # images per part file, as the seed's scripts had it
     model: ModelConfig = field(default_factory=ModelConfig)
     limits: LimitConfig = field(default_factory=LimitConfig)
     prices: PriceConfig = field(default_factory=PriceConfig)
@@ -60,7 +77,9 @@ class RunConfig:
     dry_run: bool = False
     follow_symlinks: bool = False  # images that are symlinks out of the root are refused unless set
     allow_changes: bool = False  # rerun with other inputs: keep the old rows as done, record the change
+    excel: bool = False  # new output folders' CSV files start with a BOM (Excel); a folder keeps its own
     progress_every: float = 5.0  # seconds between plain progress lines
+    subset: SubsetConfig = field(default_factory=SubsetConfig)  # --limit / --sample
     api_key: str | None = field(default=None, repr=False)  # never printed, never written
 
     def __repr__(self) -> str:  # belt and braces: the key never reaches a log through repr()

@@ -274,7 +274,9 @@ def _id_record(fmt: str, image_id: str, split: str, pid: int, texts: list[str]) 
 
 
 def _jsonl_record(entry: IndexEntry, split: str, rows: list[CaptionRow], attrs: dict[str, dict[str, str]]) -> dict:
-    return {
+    """One image's record; the index object's own other fields (`entry.extra`) follow, never replacing
+    one of these keys."""
+    record = {
         "image_id": entry.image_id,
         "pid": entry.pid,
         "camid": entry.camid,
@@ -287,6 +289,10 @@ def _jsonl_record(entry: IndexEntry, split: str, rows: list[CaptionRow], attrs: 
         ],
         "attributes": attrs,
     }
+    if entry.extra:
+        for key, value in entry.extra.items():
+            record.setdefault(key, value)
+    return record
 
 
 def attributes_by_image(rows: list[dict[str, str]]) -> dict[str, dict[str, dict[str, str]]]:
@@ -372,6 +378,7 @@ def export_folder(
         index if index is not None else run_index_path(out_dir),
         Path(recorded_root) if isinstance(recorded_root, str) and recorded_root else None,
         follow_symlinks=True,  # export reads ids and splits; the run already decided which images to use
+        require_files=False,  # an index of objects giving their own ids loads even where its paths don't resolve
     ).entries
     attributes = read_attributes(out_dir) if fmt == "jsonl" else None
     result = run_export(fmt, captions, entries, attributes, val_from_train=val_from_train, seed=seed)

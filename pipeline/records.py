@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,8 +18,11 @@ class IndexEntry:
     """One image of the index.
 
     `image_id` is the path relative to the dataset root with `/` separators and its extension, so it is
-    unique and identical on Windows and Linux. `position` is its place in the index (0-based); the part
-    file of an image is `position // batch_size`.
+    unique and identical on Windows and Linux. An index of objects may give its own `image_id` instead
+    (kept exactly as written: the user's scripts key on it). `position` is its place in the index
+    (0-based); the part file of an image is `position // batch_size`. `extra` holds an index object's
+    other fields (carried into the JSONL export); None when there are none, so a plain index costs no
+    more memory per image.
     """
 
     image_id: str
@@ -28,6 +32,7 @@ class IndexEntry:
     split: str | None = None
     position: int = 0
     junk: bool = False
+    extra: dict[str, Any] | None = field(default=None, hash=False)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,22 @@ def anyio_backend():
     return "asyncio"
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """`main()` reads `.env` into os.environ (variables not already set): undo that after every test."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def _bundled_prices(monkeypatch):
+    """Tests price with the bundled pricing.toml, whatever REID_PROMPT_PRICING the developer's shell has."""
+    monkeypatch.delenv("REID_PROMPT_PRICING", raising=False)
+
+
 @pytest.fixture
 def server():
     srv = LoopbackServer().start()

@@ -235,7 +235,9 @@ def test_expected_output_tokens_measured_from_20_rows(tmp_path: Path) -> None:
 
 def test_price_source_text() -> None:
     table = PricingTable(taken_on="2026-11-25", models={}, source=Path("config/pricing.toml"))
-    assert describe_price_source(table) == "pricing.toml, taken on 2026-11-25"
+    assert describe_price_source(table) == f"{Path('config/pricing.toml')}, taken on 2026-11-25"
+    bundled = PricingTable(taken_on="2026-11-25", models={}, source=None)
+    assert describe_price_source(bundled) == "the bundled pricing.toml, taken on 2026-11-25"
     assert "command line" in describe_price_source(table, overridden=True)
 
 
@@ -259,9 +261,10 @@ def test_estimate_for_run_reads_only_what_it_needs(tmp_path: Path) -> None:
     entries = make_images(tmp_path / "img", [(64, 128)])
     cfg = SimpleNamespace(  # a stand-in for RunConfig: no api_key attribute to read
         out=tmp_path / "out",
-        model=SimpleNamespace(backend="openai", detail="low", max_tokens=300, captions_per_image=2),
+        model=SimpleNamespace(backend="openai", provider="openai", detail="low", max_tokens=300,
+                              captions_per_image=2),
         limits=SimpleNamespace(max_cost=None),
-        prices=SimpleNamespace(price_in=None, price_out=None, price_cached_in=None),
+        prices=SimpleNamespace(price_in=None, price_out=None, price_cached_in=None, pricing_file=None),
     )
     prep = SimpleNamespace(cfg=cfg, index=SimpleNamespace(entries=entries), prompts=[Prompt("base", PROMPT)], price=MINI)
     e = estimate_for_run(prep)

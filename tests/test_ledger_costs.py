@@ -14,16 +14,16 @@ from pathlib import Path
 import pytest
 
 from conftest import prepare_index, rows
+from pipeline.data.prompts import BUNDLED_PROMPTS_DIR
 from pipeline.review.dashboard import fmt_spent
 from pipeline.ledger.costs import Spent, is_failure, open_failures, row_spent
 from pipeline.ledger.manifest import cost_fields
 from pipeline.records import ErrorRow
 from pipeline.testing.loopback import DEFAULT_MODELS
 
-FT = "ft:gpt-4o-mini:acme::x"  # a fine-tune: not in config/pricing.toml
-MINI_IN, MINI_OUT = 0.15, 0.60  # gpt-4o-mini, USD per 1M tokens (config/pricing.toml)
+FT = "ft:gpt-4o-mini:acme::x"  # a fine-tune: not in the bundled pricing.toml
+MINI_IN, MINI_OUT = 0.15, 0.60  # gpt-4o-mini, USD per 1M tokens (bundled pricing.toml)
 N_IMAGES = 22  # the `market` fixture
-REPO = Path(__file__).resolve().parents[1]
 
 
 def run(cli, server, index: Path, out: Path, prompt: Path, *extra: object):
@@ -116,7 +116,7 @@ def test_folder_total_is_the_sum_of_every_paid_row_across_runs(cli, server, api_
 def test_invalid_structured_answers_carry_their_cost(cli, server, api_env, index, tmp_path):
     server.configure(p_invalid_json=1.0)
     out = tmp_path / "out"
-    res = run(cli, server, index, out, REPO / "prompts" / "attributes.json")
+    res = run(cli, server, index, out, BUNDLED_PROMPTS_DIR / "attributes.json")
     assert res.code == 1, res.err
     errs = rows(out / "errors.csv")
     assert {r["reason"] for r in errs} == {"invalid", "invalid_retried"}
@@ -184,7 +184,7 @@ def test_unpriced_model_with_a_budget_is_refused_before_any_request(cli, ft_serv
         res = run(cli, ft_server, index, out, prompt_file, "--model", FT, "--max-cost", 5, *extra)
         assert res.code == 2
         lines = [ln for ln in res.err.splitlines() if ln.strip()]
-        assert lines == [f"error: model '{FT}' has no price in config/pricing.toml: give --price-in and "
+        assert lines == [f"error: model '{FT}' has no price in the bundled pricing.toml: give --price-in and "
                          f"--price-out to use --max-cost"]
     assert ft_server.stats.requests == 0
     assert not (out / "captions_all.csv").exists() and not (out / "manifest.json").exists()

@@ -201,6 +201,11 @@ def test_change_rules_are_pure():
         check_inputs({"inputs": base.to_dict()}, edited, has_rows=True, allow_changes=False, out_dir=Path("o"))
     ok = check_inputs({"inputs": base.to_dict()}, edited, has_rows=False, allow_changes=False, out_dir=Path("o"))
     assert ok.notes == [] and ok.accepted == []
+    # an index that grows into the next split widens its root: not a change; a copy elsewhere is
+    wider = Inputs("/data", "market1501", None, {"base": "aaaa"}, "gpt-4o-mini", "low", 300, 1)
+    assert changes_between(base, wider) == [] and changes_between(wider, base) == []
+    elsewhere = Inputs("/copy/m", "market1501", None, {"base": "aaaa"}, "gpt-4o-mini", "low", 300, 1)
+    assert [c.what for c in changes_between(base, elsewhere)] == ["root"]
 
 
 # --- exit codes --------------------------------------------------------------------------------------------
@@ -271,10 +276,15 @@ def test_ctrl_c_during_start_up_leaves_no_running_manifest(cli, server, tmp_path
     root = make_big_market(tmp_path / "big", n_ids=20, per_id=2)
     index = prepare_index(cli, root, tmp_path / "index.json")
     server.configure(latency=0.2)
-    for k, delay in enumerate((0.3, 0.5, 0.7, 0.9)):
+    for k, delay in enumerate((0.0, 0.05, 0.15, 0.4)):
         out = tmp_path / f"out{k}"
         proc = spawn("run", "--index", index, "--out", out, "--prompt-file", prompt_file, "--no-dashboard",
                      "--grace", 1, base_url=server.base_url)
+        # past the interpreter's own start-up (a signal there is Python's, before any of our code runs):
+        # the folder appears when the run takes its lock, at the start of its own start-up
+        deadline = time.monotonic() + 30
+        while not out.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.005)
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
@@ -292,7 +302,7 @@ def test_decompression_bomb_warning_never_reaches_the_terminal(tmp_path):
         "from pipeline.cli import main\n"
         f"sys.exit(main(['prepare', '--root', {str(root)!r}, '--out', {str(tmp_path / 'i.json')!r}]) or "
         f"main(['run', '--index', {str(tmp_path / 'i.json')!r}, '--out', {str(tmp_path / 'o')!r}, "
-        "'--backend', 'offline', '--prompt-file', 'prompts/base.txt', '--no-dashboard']))\n"
+        "'--backend', 'offline', '--prompt-file', 'base', '--no-dashboard']))\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=Path(__file__).resolve().parents[1], env=subprocess_env())

@@ -15,7 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import REPO, prepare_index, rows
+from conftest import prepare_index, rows
+from pipeline.data.prompts import BUNDLED_PROMPTS_DIR
 from pipeline.errors import OutputError
 from pipeline.ledger import csvscan
 from pipeline.ledger.recover import header_change, missing_from, plan_parts, recover_folder
@@ -459,7 +460,7 @@ def test_damaged_errors_csv_row_is_quarantined(cli, server, api_env, market, pro
 
 
 def test_damaged_attributes_row_is_asked_again(cli, server, api_env, market, tmp_path):
-    schema = REPO / "prompts" / "attributes.json"
+    schema = BUNDLED_PROMPTS_DIR / "attributes.json"
     index, out = _first_run(cli, server, market, schema, tmp_path)
     attrs = out / "attributes.csv"
     n = len(rows(attrs))

@@ -64,7 +64,7 @@ def parts_hold_each_once(out: Path, ids: set[str]) -> None:
 
 def test_a_failed_append_leaves_the_file_as_it_was(monkeypatch, tmp_path):
     path = tmp_path / "captions_all.csv"
-    append_bytes(path, records_bytes([["a", "1"]]), header_bytes(["image_id", "n"]))
+    append_bytes(path, records_bytes([["a", "1"]]), header_bytes(["image_id", "n"], bom=True))  # --excel
     before = path.read_bytes()
     assert before.startswith(b"\xef\xbb\xbf") and before.count(b"\xef\xbb\xbf") == 1
     real_open = appendfile.open_append
@@ -89,8 +89,9 @@ def test_a_failed_append_leaves_the_file_as_it_was(monkeypatch, tmp_path):
     assert info.value.errno == errno.ENOSPC
     assert path.read_bytes() == before  # the half record is gone, not buried mid-file by the next append
     monkeypatch.setattr(appendfile, "open_append", real_open)
-    append_bytes(path, records_bytes([["b", "2"]]), header_bytes(["image_id", "n"]))
+    append_bytes(path, records_bytes([["b", "2"]]), header_bytes(["image_id", "n"], bom=True))
     assert [r["image_id"] for r in rows(path)] == ["a", "b"]  # header not written twice
+    assert path.read_bytes().count(b"\xef\xbb\xbf") == 1  # nor the BOM
 
 
 def test_write_errors_are_named_by_kind_not_by_text():
@@ -181,8 +182,9 @@ def test_captions_all_unwritable_for_a_while_holds_then_writes_everything(
     assert warnings == ["captions_all.csv cannot be written: Permission denied (is it open in Excel?); "
                         "holding 1 answer, retrying"]
     assert "captions_all.csv written again;" in res.err
-    # the gate held new requests once more than 64 answers were held (4 workers: at most 4 more in flight)
-    assert 64 < seen["requests"] <= 64 + 2 * 4 + 1 < n
+    # the gate held new requests once more than 64 answers were held: 4 workers in flight, plus the answers
+    # already queued for the writer when it noticed (a busy machine makes that queue a little longer)
+    assert 64 < seen["requests"] <= 64 + 4 * 4 < n
     by_id = check_captions_belong(index, out)
     assert len(by_id) == n and server.stats.requests == n
     parts_hold_each_once(out, set(by_id))

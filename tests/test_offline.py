@@ -29,7 +29,7 @@ def test_offline_run_on_bundled_sample_needs_no_key(cli, monkeypatch, tmp_path):
     shutil.copytree(REPO / "samples" / "Market-1501-sample", sample)
     index = prepare_index(cli, sample, tmp_path / "index.json")
     out = tmp_path / "out"
-    args = ["run", "--index", index, "--out", out, "--prompt-file", REPO / "prompts" / "base.txt",
+    args = ["run", "--index", index, "--out", out, "--prompt-file", "base",
             "--backend", "offline", "--no-dashboard", "--batch-size", 10]
     res = cli(*args)
     assert res.code == 0, res.err

@@ -25,8 +25,8 @@ def table() -> PricingTable:
     return load_pricing()
 
 
-def test_default_table_loads_from_the_repo_config(table):
-    assert DEFAULT_PRICING_PATH == Path(__file__).resolve().parent.parent / "config" / "pricing.toml"
+def test_default_table_is_the_bundled_package_data(table):
+    assert DEFAULT_PRICING_PATH == Path(__file__).resolve().parent.parent / "pipeline" / "bundled" / "pricing.toml"
     assert table.source == DEFAULT_PRICING_PATH
     assert table.taken_on.startswith("20")
 

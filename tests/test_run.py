@@ -48,8 +48,8 @@ def test_full_run_parts_and_rerun(cli, server, api_env, market, prompt_file, tmp
 
     # columns: the four existing scripts expect, in order, then model and tokens
     raw = (out / "captions_all.csv").read_bytes()
-    assert raw.startswith(codecs.BOM_UTF8)
-    header = next(csv.reader([raw.decode("utf-8-sig").split("\r\n", 1)[0]]))
+    assert not raw.startswith(codecs.BOM_UTF8)  # plain UTF-8: `open(p, encoding="utf-8")` readers work
+    header = next(csv.reader([raw.decode("utf-8").split("\r\n", 1)[0]]))
     assert header[:7] == ["image_id", "prompt", "caption", "timestamp", "model", "prompt_tokens", "completion_tokens"]
     assert header == CAPTION_COLUMNS
     # the prompt with its newline, quotes, comma and Chinese round-trips
@@ -157,8 +157,8 @@ def test_bad_images_go_to_errors_and_run_continues(cli, server, api_env, market,
 
 @pytest.mark.parametrize("case", [
     "no_key", "missing_prompt", "empty_prompt", "missing_index", "malformed_index", "outside_root",
-    "duplicate_ids", "unwritable_out", "no_prompt_option",
-])
+    "duplicate_ids", "unwritable_out",
+])  # no prompt option at all is no error: the bundled `base` is used (tests/test_cli_conveniences.py)
 def test_bad_input_is_one_line(cli, server, monkeypatch, market, prompt_file, tmp_path, case):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     index = prepare_index(cli, market, tmp_path / "index.json")
@@ -189,9 +189,8 @@ def test_bad_input_is_one_line(cli, server, monkeypatch, market, prompt_file, tm
         blocker = tmp_path / "file"
         blocker.write_text("x")
         out = blocker / "sub"
-    args = ["run", "--index", index, "--out", out, "--base-url", server.base_url, "--no-dashboard"]
-    if case != "no_prompt_option":
-        args += ["--prompt-file", prompt]
+    args = ["run", "--index", index, "--out", out, "--base-url", server.base_url, "--no-dashboard",
+            "--prompt-file", prompt]
     res = cli(*args, *args_extra)
     assert res.code != 0
     lines = [ln for ln in res.err.splitlines() if ln.strip()]
@@ -201,7 +200,7 @@ def test_bad_input_is_one_line(cli, server, monkeypatch, market, prompt_file, tm
     expected_word = {
         "no_key": "OPENAI_API_KEY", "missing_prompt": "nope.txt", "empty_prompt": "empty",
         "missing_index": "missing.json", "malformed_index": "index", "outside_root": "outside",
-        "duplicate_ids": "duplicate", "unwritable_out": "not writable", "no_prompt_option": "prompt",
+        "duplicate_ids": "duplicate", "unwritable_out": "not writable",
     }[case]
     assert expected_word.lower() in lines[0].lower()
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, prepare_index, rows
+from conftest import prepare_index, rows
+from pipeline.data.prompts import BUNDLED_PROMPTS_DIR
 from pipeline.ledger.costs import is_failure
 from pipeline.testing.loopback import expected_json
 
@@ -29,7 +30,7 @@ def n_images(index: Path) -> int:
 
 def test_several_prompt_files_and_captions_keyed_and_resumed(cli, server, api_env, indexed, tmp_path):
     out = tmp_path / "out"
-    base, zh = REPO / "prompts" / "base.txt", REPO / "prompts" / "base_zh.txt"
+    base, zh = BUNDLED_PROMPTS_DIR / "base.txt", BUNDLED_PROMPTS_DIR / "base_zh.txt"
     res = run(cli, server, indexed, out, "--prompt-file", base, "--prompt-file", zh, "--captions-per-image", 2)
     assert res.code == 0, res.err
     table = rows(out / "captions_all.csv")
@@ -62,7 +63,7 @@ def test_templated_prompt_gives_each_caption_its_own_shape(cli, server, api_env,
     prompts = tmp_path / "prompts"
     prompts.mkdir()
     for name in ("templated.txt", "templated.templates.txt"):
-        shutil.copy(REPO / "prompts" / name, prompts / name)
+        shutil.copy(BUNDLED_PROMPTS_DIR / name, prompts / name)
     res = run(cli, server, indexed, out, "--prompts", prompts, "--captions-per-image", 3)
     assert res.code == 0, res.err
     table = rows(out / "captions_all.csv")
@@ -82,7 +83,7 @@ def test_templated_prompt_gives_each_caption_its_own_shape(cli, server, api_env,
 
 def test_structured_attributes_to_attributes_csv(cli, server, api_env, market, indexed, tmp_path):
     out = tmp_path / "out"
-    schema_file = REPO / "prompts" / "attributes.json"
+    schema_file = BUNDLED_PROMPTS_DIR / "attributes.json"
     schema = json.loads(schema_file.read_text(encoding="utf-8"))["schema"]
     server.configure(p_invalid_json=0.3, seed=5)
     res = run(cli, server, indexed, out, "--prompt-file", schema_file, "--max-attempts", 6)
@@ -127,7 +128,7 @@ def _irra_cuhk(path: Path) -> list[tuple[int, str, str]]:
 
 def test_exports_load_with_reid_loaders_and_report(cli, server, api_env, market, indexed, tmp_path):
     out = tmp_path / "out"
-    res = run(cli, server, indexed, out, "--prompt-file", REPO / "prompts" / "cuhk_pedes.txt",
+    res = run(cli, server, indexed, out, "--prompt-file", BUNDLED_PROMPTS_DIR / "cuhk_pedes.txt",
               "--captions-per-image", 2)
     assert res.code == 0, res.err
     images = json.loads(indexed.read_text(encoding="utf-8"))["images"]

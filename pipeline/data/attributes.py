@@ -1,6 +1,6 @@
 """Structured attribute answers: the request's `response_format`, and checking what comes back.
 
-The bundled schemas (prompts/attributes.json, prompts/attributes_duke.json) mirror the Market-1501 and
+The bundled schemas (attributes.json, attributes_duke.json in pipeline/bundled/prompts/) mirror the Market-1501 and
 DukeMTMC-reID attribute annotations. Yes/no attributes (hat, backpack, bag, handbag, boots) are JSON
 booleans: strict mode supports them and they cannot be misspelt; attributes.csv shows them as yes/no
 (`pipeline.ledger.outputs`).

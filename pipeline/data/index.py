@@ -5,14 +5,20 @@ The index is the contract between "which images" and "caption them": its order f
 load. Paths in it are relative to the root, so an index built on Linux loads on Windows (and the root
 can be overridden with `root=` when the images moved).
 
-Three forms load:
+These forms load:
   (a) the JSON index written by `write_index`: {"root", "dataset", "images": [{"image_id", "path", ...}]};
   (b) a JSON list of path strings;
-  (c) a text file with one path per line (blank lines and `#` comments ignored, BOM and CRLF tolerated).
+  (c) a text file with one path per line (blank lines and `#` comments ignored, BOM and CRLF tolerated);
+  (d) a JSON list of objects, or a JSONL file of them (one per line, blank lines ignored), as the users'
+      own prepare scripts write them: {"path", "image_id"?, "split"?, "pid"/"person_id"?,
+      "camid"/"camera"?, "junk"?, ...}; see `_load_objects`.
 For (b)/(c) the file's order is kept, relative paths are relative to `root` (else the index file's
 folder), image_id is the path relative to the root, pid/camid/junk come from Market/Duke-style names,
 split from a known folder name in the path (query, bounding_box_test, ...), and the dataset is guessed
-from the names ("market1501", "dukemtmc", else "folder").
+from the names ("market1501", "dukemtmc", else "folder"). (d) is the same except that a given image_id
+is kept exactly as written, given fields win over parsed ones, other fields are kept (`IndexEntry.extra`,
+for the JSONL export), and relative paths resolve against `root`, else the current folder, else the
+index file's folder, judged on a small sample of paths (two folders finding them, or none, is an error).
 
 Loading is lexical on purpose: no per-image stat or Path.resolve() (a million files on a network drive
 would take minutes). Containment in the root is checked on normalised strings (os.path.normpath, after
@@ -25,8 +31,9 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,15 +146,19 @@ def _dumps_index(index: dict) -> str:
 # --------------------------------------------------------------------------------------------- load
 
 
-def load_index(path: Path, root: Path | None = None, *, follow_symlinks: bool = False) -> LoadedIndex:
-    """Read and validate an index in any of the three forms; `root` overrides the image root.
+def load_index(path: Path, root: Path | None = None, *, follow_symlinks: bool = False,
+               require_files: bool = True) -> LoadedIndex:
+    """Read and validate an index in any of its forms; `root` overrides the image root.
 
     Images that are symlinks to files outside the root are refused unless `follow_symlinks`.
+    `require_files=False` (export, status: they read ids, not images) lets an index of objects whose
+    relative paths are found from nowhere load anyway, when every object gives its own image_id (the ids
+    then do not depend on where the paths point).
     """
     path = Path(path)
     text = _read_text(path)
     with _gc_paused():
-        loaded = _parse_index(path, text, None if root is None else Path(root))
+        loaded = _parse_index(path, text, None if root is None else Path(root), require_files)
     if not follow_symlinks:
         refuse_escaping_symlinks(loaded.root, (e.path for e in loaded.entries), f"index {path}")
     return loaded
@@ -229,16 +240,27 @@ class _PathMaker:
         return parent / name
 
 
-def _parse_index(path: Path, text: str, root: Path | None) -> LoadedIndex:
+def _parse_index(path: Path, text: str, root: Path | None, require_files: bool = True) -> LoadedIndex:
     head = text.lstrip()[:1]
     if head in ("{", "["):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
+            if head == "{" and _first_line_is_object(text):
+                return _load_objects(path, _jsonl_objects(path, text), root, "line", require_files)
             raise IndexFormatError(
                 f"index {path}: malformed JSON at line {exc.lineno}:{exc.colno}: {exc.msg}") from None
         if isinstance(data, dict):
+            if "images" not in data and "path" in data:  # a JSONL file of one object
+                return _load_objects(path, [(1, data)], root, "line", require_files)
             return _load_json_index(path, data, root)
+        if data and isinstance(data[0], dict):
+            objects = []
+            for i, item in enumerate(data):
+                if not isinstance(item, dict):
+                    raise IndexFormatError(f"index {path}: item {i} is {_kind(item)}, expected an object like item 0")
+                objects.append((i, item))
+            return _load_objects(path, objects, root, "item", require_files)
         items = []
         for i, item in enumerate(data):
             if not isinstance(item, str):
@@ -456,3 +478,288 @@ def _check_unique(path: Path, ids: list[str]) -> None:
     counts = Counter(ids)
     dup = next(i for i in ids if counts[i] > 1)
     raise IndexFormatError(f"index {path}: duplicate image_id {dup!r} ({counts[dup]} times)")
+
+
+# --------------------------------------------------------------------------------------------- objects
+
+# The fields of an index object the loader reads; any other field is carried to the JSONL export.
+OBJECT_FIELDS = frozenset({"path", "image_id", "split", "pid", "person_id", "camid", "camera", "junk"})
+_INT_TEXT = re.compile(r"[+-]?\d+")
+_SAMPLE_HEAD, _SAMPLE_SPREAD = 3, 5
+
+
+@dataclass(frozen=True, slots=True)
+class _Object:
+    """One index object, checked: `raw` is its path with `/` separators; None = not given."""
+
+    raw: str
+    image_id: str | None
+    pid: int | None
+    camid: int | None
+    split: str | None
+    junk: bool | None
+    extra: dict[str, Any] | None
+
+
+def sample_positions(n: int, head: int = _SAMPLE_HEAD, spread: int = _SAMPLE_SPREAD) -> list[int]:
+    """A few deterministic positions of a list of `n`: the first `head` and `spread` more evenly through
+    the rest (the last included). Enough to tell where relative paths point without a stat per image."""
+    picks = set(range(min(head, n)))
+    if n > head:
+        picks.update(head + (n - 1 - head) * k // spread for k in range(1, spread + 1))
+    return sorted(picks)
+
+
+def finds_files(base: str, sample: list[str], exists: Callable[[str], bool] = os.path.exists) -> bool:
+    """Would `base` find the files? At least half of the sampled relative paths exist under it (a few
+    missing images stay per-image errors of the run, not a reason to look elsewhere)."""
+    hits = sum(1 for p in sample if exists(os.path.join(base, p)))
+    return hits > 0 and 2 * hits >= len(sample)
+
+
+def _first_line_is_object(text: str) -> bool:
+    """Does the first non-blank line hold a whole JSON object on its own? (JSONL, not broken JSON.)"""
+    for line in text.splitlines():
+        if line.strip():
+            try:
+                return isinstance(json.loads(line), dict)
+            except json.JSONDecodeError:
+                return False
+    return False
+
+
+def _jsonl_objects(path: Path, text: str) -> list[tuple[int, dict]]:
+    """(line number, object) of a JSONL file, blank lines skipped. One json.loads over the whole file
+    (much faster than one per line); only if that fails are the lines parsed one by one, to name the bad one."""
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    try:
+        values = json.loads("[" + ",".join(line for _, line in lines) + "]")
+    except json.JSONDecodeError:
+        values = None
+    if values is None or len(values) != len(lines):  # a line holding two values would shift the count
+        values = []
+        for n, line in lines:
+            try:
+                values.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise IndexFormatError(
+                    f"index {path} line {n}: malformed JSON at column {exc.colno}: {exc.msg}") from None
+    out: list[tuple[int, dict]] = []
+    for (n, _), value in zip(lines, values):
+        if not isinstance(value, dict):
+            raise IndexFormatError(f"index {path} line {n} is {_kind(value)}, expected an object")
+        out.append((n, value))
+    return out
+
+
+def _as_int(value: object, prefix: str = "") -> int | None:
+    """An integer field as such tools write it: 7, 7.0, "0007" (and "c1" for a camera); None if not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if prefix and text[:1].lower() == prefix:
+            text = text[1:]
+        if _INT_TEXT.fullmatch(text):
+            return int(text)
+    return None
+
+
+def _alias_int(obj: dict, keys: tuple[str, str], where: str, prefix: str = "") -> int | None:
+    """The value of a field that has two names (`pid`/`person_id`); both given must agree."""
+    value: int | None = None
+    seen = ""
+    for key in keys:
+        raw = obj.get(key)
+        if raw is None:
+            continue
+        number = _as_int(raw, prefix)
+        if number is None:
+            raise IndexFormatError(f"{where}: '{key}' must be an integer, got {raw!r}")
+        if value is not None and number != value:
+            raise IndexFormatError(f"{where}: '{seen}' {value} and '{key}' {number} disagree")
+        value, seen = number, key
+    return value
+
+
+def _read_object(obj: dict, where: str) -> _Object:
+    raw = obj.get("path")
+    if not isinstance(raw, str) or not raw.strip():
+        raise IndexFormatError(f"{where} has no 'path' string")
+    image_id = obj.get("image_id")
+    if image_id is not None:
+        if not isinstance(image_id, str) or not image_id:
+            raise IndexFormatError(f"{where}: 'image_id' must be a non-empty string, got {image_id!r}")
+        where = f"{where} ({image_id!r})"
+    pid = _alias_int(obj, ("pid", "person_id"), where) if "pid" in obj or "person_id" in obj else None
+    camid = _alias_int(obj, ("camid", "camera"), where, prefix="c") if "camid" in obj or "camera" in obj else None
+    split = obj.get("split")
+    if split is not None and not isinstance(split, str):
+        raise IndexFormatError(f"{where}: 'split' must be a string or null, got {_kind(split)}")
+    junk = obj.get("junk")
+    if junk is not None and not isinstance(junk, bool):
+        raise IndexFormatError(f"{where}: 'junk' must be true or false, got {_kind(junk)}")
+    extra = None if obj.keys() <= OBJECT_FIELDS else {k: v for k, v in obj.items() if k not in OBJECT_FIELDS}
+    p = raw.strip()
+    return _Object(p.replace("\\", "/") if "\\" in p else p, image_id, pid, camid, split or None, junk, extra)
+
+
+def _distinct(*candidates: tuple[str, str]) -> list[tuple[str, str]]:
+    seen: set[str] = set()
+    out = []
+    for label, folder in candidates:
+        key = os.path.normcase(folder)
+        if key not in seen:
+            seen.add(key)
+            out.append((label, folder))
+    return out
+
+
+def _same_files(a: str, b: str, sample: list[str]) -> bool:
+    """Do two folders reach the same files (one links to the other)? Judged on the first sampled path
+    both find; then either base gives the same images, so there is nothing to choose."""
+    for p in sample:
+        fa, fb = os.path.join(a, p), os.path.join(b, p)
+        if os.path.exists(fa) and os.path.exists(fb):
+            try:
+                return os.path.samefile(fa, fb)
+            except OSError:
+                return False
+    return False
+
+
+def _objects_base(path: Path, sample: list[str], given: _Root | None, index_dir: str, strict: bool) -> str:
+    """The folder the objects' relative paths resolve against: --root if given, else the current folder
+    (as the scripts that write such indexes assume), else the index's folder. Decided on a small sample
+    of paths; finding them from two different folders, or from none, is one line (unless not `strict`:
+    then the first candidate is taken)."""
+    cwd = os.path.normpath(os.getcwd())
+    if not sample:  # every path is absolute: no base is used
+        return given.path if given is not None else cwd
+    example = sample[0]
+    others = _distinct(("the current folder", cwd), ("the index's folder", index_dir))
+    if given is not None:
+        if finds_files(given.path, sample):
+            return given.path
+        # Paths written relative to the run folder, with --root naming the image root they lie in
+        # (this is also how export reloads such an index with the root its run recorded).
+        finders = [(label, f) for label, f in others
+                   if os.path.normcase(f) != os.path.normcase(given.path) and finds_files(f, sample)]
+        candidates = [(label, f) for label, f in finders if any(  # each path's containment is checked later
+            os.path.normcase(os.path.normpath(os.path.join(f, s))).startswith(given.prefix) for s in sample)]
+        if len(candidates) == 1 or (candidates and not strict):
+            return candidates[0][1]
+        if not strict:
+            return given.path
+        if not candidates:
+            found = f" (from {finders[0][0]} {finders[0][1]} they are, but outside it)" if finders else ""
+            raise IndexFormatError(
+                f"index {path}: its relative paths (e.g. {example!r}) are not found under --root {given.path}"
+                f"{found}; pass the folder they are relative to as --root")
+    else:
+        candidates = [(label, f) for label, f in others if finds_files(f, sample)]
+        if len(candidates) == 1:
+            return candidates[0][1]
+        if not strict:
+            return (candidates or others)[0][1]
+        if not candidates:
+            tried = "; ".join(f"{label} {f}" for label, f in others)
+            raise IndexFormatError(
+                f"index {path}: its relative paths (e.g. {example!r}) are found from none of: {tried}; "
+                "run from the folder they are relative to, or pass it as --root")
+    (la, a), (lb, b) = candidates[0], candidates[1]
+    if _same_files(a, b, sample):
+        return a
+    raise IndexFormatError(
+        f"index {path}: its relative paths (e.g. {example!r}) are found both from {la} {a} and from {lb} {b}; "
+        "pass --root to say which")
+
+
+def _parent_folder(full: str) -> str:
+    folder = full.rpartition(os.sep)[0]
+    # "" (POSIX root) and "C:" (Windows drive) keep their separator to stay absolute
+    return folder + os.sep if not folder or folder.endswith(":") else folder
+
+
+def _common_folder(path: Path, fulls: list[str]) -> str:
+    """The deepest folder holding every image: the root of an index of objects given without --root."""
+    folders = {_parent_folder(f) for f in fulls}
+    if len(folders) == 1:
+        return folders.pop()
+    try:
+        return os.path.commonpath(sorted(folders))
+    except ValueError:  # Windows: different drives
+        raise IndexFormatError(f"index {path}: paths on different drives have no common root; pass --root") from None
+
+
+def _load_objects(path: Path, items: list[tuple[int, dict]], root: Path | None, unit: str,
+                  require_files: bool) -> LoadedIndex:
+    """A JSON list or JSONL file of objects {"path", "image_id"?, "split"?, "pid"/"person_id"?,
+    "camid"/"camera"?, ...}, as the users' own prepare scripts write them.
+
+    A given image_id is kept exactly as written (their scripts key on it); without one it is the path
+    relative to the root. The root is --root if given (paths must stay inside it), else the deepest
+    folder holding every image, so it names where the images are, not where the command ran. pid and
+    camid come from Market/Duke-style names when the object lacks them; split from the object, else
+    from the folder names written in the path. Other fields go to `IndexEntry.extra`.
+    """
+    if not items:
+        raise IndexFormatError(f"index {path} has no images")
+    prefix = f"index {path} {unit}"
+    objects = [_read_object(obj, f"{prefix} {n}") for n, obj in items]
+    index_dir = os.path.normpath(os.path.abspath(path.parent))
+    given = _existing_root(os.fspath(root), path, "--root") if root is not None else None
+    relative = [o.raw for o in objects if not os.path.isabs(o.raw)]
+    sample = [relative[i] for i in sample_positions(len(relative))]
+    strict = require_files or any(o.image_id is None for o in objects)
+    base = _objects_base(path, sample, given, index_dir, strict)
+
+    base_sep = base.rstrip("\\/") + os.sep
+    # A path that stays below a base inside the root is inside it: no normcase per image then.
+    base_inside = given is not None and given.contains(base)
+    fulls: list[str] = []
+    for (number, _), o in zip(items, objects):
+        p = o.raw
+        while p.startswith("./"):
+            p = p[2:]
+        if _is_plain_relative(p):
+            full = base_sep + (p if os.sep == "/" else p.replace("/", os.sep))
+        else:
+            full = os.path.normpath(p if os.path.isabs(p) else os.path.join(base, p))
+        if given is not None and not (base_inside and full.startswith(base_sep)) \
+                and not os.path.normcase(full).startswith(given.prefix):
+            raise IndexFormatError(
+                f"index {path} {unit} {number}: path {o.raw!r} is outside the image root {given.path}")
+        fulls.append(full)
+    r = given if given is not None else _Root(_common_folder(path, fulls))
+
+    entries: list[IndexEntry] = []
+    make_path = _PathMaker()
+    styles: set[str] = set()
+    split_of: dict[str, str | None] = {}
+    for position, (o, full) in enumerate(zip(objects, fulls)):
+        pid, camid, junk = o.pid, o.camid, o.junk
+        styled = parse_reid_name_styled(full.rpartition(os.sep)[2])
+        if styled is not None:
+            parsed, style = styled
+            if style:
+                styles.add(style)
+            pid = parsed.pid if pid is None else pid
+            camid = parsed.camid if camid is None else camid
+            if junk is None:
+                junk = parsed.junk and pid == parsed.pid
+        split = o.split
+        if split is None:
+            folder = o.raw.rpartition("/")[0]
+            split = split_of.get(folder, "?")
+            if split == "?":
+                split = split_of[folder] = split_from_parts(folder.split("/")) if folder else None
+        image_id = o.image_id if o.image_id is not None else r.relative(full)
+        entries.append(IndexEntry(image_id, make_path(full), pid, camid, split, position, bool(junk), o.extra))
+    _check_unique(path, [e.image_id for e in entries])
+    dataset = "market1501" if "market1501" in styles else "dukemtmc" if "dukemtmc" in styles else "folder"
+    return LoadedIndex(Path(r.path), dataset, entries, path)

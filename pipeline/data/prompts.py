@@ -10,6 +10,9 @@ A prompt is a file; its name is the file stem, and that name is what captions_al
 * `NAME.json` — a structured (attribute) prompt: `{"instruction", "name", "schema"}`; see
   `pipeline.data.attributes` for the schema rules. `Prompt.text` is the instruction, `Prompt.schema` the schema.
 
+The package ships prompts of both kinds (`pipeline/bundled/prompts/`, package data); `--prompt-file`
+takes a path or a bundled prompt's name (`base`, `attributes`...), so an installed wheel needs no checkout.
+
 The template is chosen by a stable hash of (seed, prompt name, image id, caption index), never by
 Python's salted `hash()` or a global RNG, so a resumed or rerun job asks exactly the same question.
 """
@@ -20,8 +23,9 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
+from pipeline import bundled
 from pipeline.data.attributes import schema_problems
 from pipeline.errors import PromptError
 from pipeline.records import Prompt
@@ -30,8 +34,9 @@ TEMPLATE_SLOT = "{template}"
 TEMPLATES_SUFFIX = ".templates.txt"
 PROMPT_SUFFIXES = (".txt", ".json")
 
-# Where the bundled prompts live (a source checkout; the CLI may use it as the default `--prompts`).
-BUNDLED_PROMPTS_DIR = Path(__file__).resolve().parents[2] / "prompts"
+# The prompts shipped with the package (package data, `pipeline/bundled/prompts/`): usable by name,
+# `--prompt-file base`, from any folder and from an installed wheel.
+BUNDLED_PROMPTS_DIR = bundled.bundled_path(bundled.PROMPTS)
 
 
 # --- loading -----------------------------------------------------------------------------------------
@@ -41,8 +46,9 @@ def load_prompts(files: list[Path], directory: Path | None = None) -> list[Promp
 
     Order is kept (files as given, then the folder's prompts sorted by file name) because the run's
     work items and the exports follow it. No files and no folder → an empty list; the CLI picks a default.
+    Each of `files` is a path or the name of a bundled prompt (`find_prompt_file`).
     """
-    paths = [Path(f) for f in files]
+    paths = [find_prompt_file(f) for f in files]
     if directory is not None:
         paths.extend(prompt_files_in(Path(directory)))
     prompts: list[Prompt] = []
@@ -54,6 +60,42 @@ def load_prompts(files: list[Path], directory: Path | None = None) -> list[Promp
         seen[prompt.name] = path
         prompts.append(prompt)
     return prompts
+
+
+def find_prompt_file(arg: Path | str) -> Path:
+    """The file `--prompt-file ARG` means: a file at ARG, else the bundled prompt ARG names (`base`,
+    `base.txt`, `attributes`...). Looks at the disk; the decision is `resolve_prompt_arg`."""
+    path = Path(arg)
+    if path.is_file():
+        return path
+    return resolve_prompt_arg(str(arg), path.exists(), bundled_prompts())
+
+
+def bundled_prompts() -> dict[str, Path]:
+    """The bundled prompts by name (file stem): what `--prompt-file NAME` accepts."""
+    return {p.stem: p for p in prompt_files_in(BUNDLED_PROMPTS_DIR)}
+
+
+def resolve_prompt_arg(arg: str, exists: bool, bundled_files: Mapping[str, Path]) -> Path:
+    """Pure: the file for a `--prompt-file` argument that is not a file on disk.
+
+    A bare name (no folder separator) with no extension, or with the bundled file's own extension, that
+    names a bundled prompt is that prompt; a user's own file of that name, when there is one, has been
+    taken already (a path that exists wins). Something else that exists (a folder) is returned for
+    `load_prompt` to refuse with its own message. Otherwise one line listing the bundled names.
+    """
+    if not any(sep in arg for sep in ("/", "\\")):
+        stem, suffix = arg, ""
+        for known in PROMPT_SUFFIXES:
+            if arg.lower().endswith(known):
+                stem, suffix = arg[: -len(known)], known
+        found = bundled_files.get(stem)
+        if found is not None and (not suffix or found.suffix.lower() == suffix):
+            return found
+    if exists:
+        return Path(arg)
+    names = ", ".join(sorted(bundled_files)) or "none"
+    raise PromptError(f"prompt file not found: {arg} (bundled prompts, usable by name: {names})")
 
 
 def prompt_files_in(directory: Path) -> list[Path]:

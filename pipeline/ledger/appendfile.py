@@ -7,8 +7,9 @@ during a run (and when held answers are merged at the next start). It opens the 
 middle of a file where the next append would bury it. Tests inject disk-full, permission-denied and
 sharing-violation faults here (monkeypatch `open_append` or `append_bytes`), never in the SDK.
 
-`header_bytes` / `records_bytes` are the one place rows become bytes: a new file starts with the BOM and
-the header (Excel shows Chinese captions correctly), appended records are plain UTF-8.
+`header_bytes` / `records_bytes` are the one place rows become bytes: a new file starts with its header,
+after a BOM only when the folder's encoding says so (`pipeline.ledger.encoding`: `run --excel`, or a
+folder started with one); appended records are plain UTF-8.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import os
 from pathlib import Path
 from typing import BinaryIO, Iterable
 
-from pipeline.ledger.outputs import ENCODING_WRITE_NEW, to_csv_text
+from pipeline.ledger.csvscan import BOM
+from pipeline.ledger.outputs import ENCODING_WRITE, to_csv_text
 
 ENCODING_APPEND = "utf-8"  # rows after the header: no second BOM
 
@@ -29,9 +31,9 @@ _WIN_DISK_FULL = (39, 112)  # ERROR_HANDLE_DISK_FULL, ERROR_DISK_FULL
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
-def header_bytes(columns: list[str]) -> bytes:
-    """The start of a new CSV file: BOM + header line."""
-    return to_csv_text([columns]).encode(ENCODING_WRITE_NEW)
+def header_bytes(columns: list[str], bom: bool = False) -> bytes:
+    """The start of a new CSV file: the header line, after a BOM when `bom` (the folder's encoding)."""
+    return (BOM if bom else b"") + to_csv_text([columns]).encode(ENCODING_WRITE)
 
 
 def records_bytes(records: Iterable[list[str]]) -> bytes:

@@ -14,7 +14,7 @@ answered*, not when the item finally fails:
 So a crash between a paid refusal and its retry loses no money from the books, and nothing is counted
 twice: a caption row carries only its own request's cost, and a retried row only its own attempt's.
 
-A price may be unknown (a model missing from config/pricing.toml without --price-in/--price-out): such a
+A price may be unknown (a model missing from the pricing file without --price-in/--price-out): such a
 row's cost cell is empty. A row's cost is *unknown* only when its cell is empty and it has tokens; an
 empty cell without tokens (nothing was billed, or a file written before the column existed) costs 0.
 Totals over rows of both kinds are a lower bound, and every view says so (`Spent`).
@@ -130,7 +130,7 @@ def price_warning(model: str, known: bool) -> str | None:
             f"give --price-in/--price-out")
 
 
-def budget_refusal(model: str, pricing_file: str = "config/pricing.toml") -> str:
+def budget_refusal(model: str, pricing_file: str = "the pricing file") -> str:
     """Why `--max-cost` cannot be used with a model of unknown price (one line, exit 2)."""
     return (f"model {model!r} has no price in {pricing_file}: give --price-in and --price-out to use "
             f"--max-cost")

@@ -174,7 +174,7 @@ def changes_between(before: Inputs, after: Inputs) -> list[Change]:
         out.append(Change("model", before.model, after.model))
     if before.detail and before.detail != after.detail and after.backend != "offline":
         out.append(Change("detail", before.detail, after.detail))
-    if before.root and _norm(before.root) != _norm(after.root):
+    if before.root and not roots_compatible(before.root, after.root):
         out.append(Change("root", before.root, after.root))
     elif before.dataset and after.dataset and before.dataset != after.dataset:
         out.append(Change("dataset", before.dataset, after.dataset))
@@ -183,6 +183,17 @@ def changes_between(before: Inputs, after: Inputs) -> list[Change]:
 
 def _norm(path: str) -> str:
     return str(Path(path)).rstrip("/\\").casefold() if path else ""
+
+
+def roots_compatible(before: str, after: str) -> bool:
+    """Is `after` the same image root as `before`, or one that only widens or narrows it?
+
+    An index that grows (the query split first, then the gallery) moves its common root up a folder
+    (`.../market1501/query` -> `.../market1501`); a subset moves it down. Neither changes which files the
+    done ids are. Another root that is neither (a copy of the dataset elsewhere) is a change.
+    """
+    a, b = Path(_norm(before)), Path(_norm(after))
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
 
 
 def refusal(changes: list[Change], out_dir: Path) -> ChangedInputs:

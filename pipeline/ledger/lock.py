@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,6 +46,50 @@ class Holder:
         return f"{pid}{where}{since}"
 
 
+def pid_alive(pid: int) -> bool | None:
+    """Is process `pid` alive on this machine? None when it cannot be told (then the heartbeat decides)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return None
+    if sys.platform == "win32":
+        return _pid_alive_windows(pid)
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only, nothing is sent
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except OSError:
+        return None
+    return True
+
+
+def _pid_alive_windows(pid: int) -> bool | None:
+    """OpenProcess + GetExitCodeProcess: os.kill(pid, 0) on Windows would terminate the process."""
+    try:
+        import ctypes
+
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+        process_query_limited_information = 0x1000
+        still_active = 259
+        error_access_denied = 5
+        error_invalid_parameter = 87  # what OpenProcess says for a pid that does not exist
+        handle = kernel32.OpenProcess(process_query_limited_information, False, pid)
+        if not handle:
+            err = ctypes.get_last_error()
+            if err == error_invalid_parameter:
+                return False
+            return True if err == error_access_denied else None
+        try:
+            code = ctypes.c_ulong()
+            if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
+                return None
+            return code.value == still_active
+        finally:
+            kernel32.CloseHandle(handle)
+    except Exception:  # noqa: BLE001 - any failure here only means "cannot tell"
+        return None
+
+
 def read_holder(out_dir: Path) -> Holder | None:
     """Who holds (or last held) the folder's lock, from the lock file; None if it says nothing."""
     try:
@@ -54,6 +100,23 @@ def read_holder(out_dir: Path) -> Holder | None:
         return None
     pid = data.get("pid")
     return Holder(pid if isinstance(pid, int) else None, str(data.get("host") or ""), str(data.get("started_at") or ""))
+
+
+def wait_for_holder(out_dir: Path, wait_s: float = 1.0) -> Holder | None:
+    """The live holder of a lock we were refused, waiting a moment for it to write its name.
+
+    The winner writes the holder file just after taking the lock, so a run refused at the same instant may
+    find no file yet, or a stale one from a run killed earlier; a holder whose process is known to be gone
+    is not believed.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        holder = read_holder(out_dir)
+        if holder is not None and (holder.pid is None or pid_alive(holder.pid) is not False):
+            return holder
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
 
 
 class FolderLock:
@@ -76,7 +139,7 @@ class FolderLock:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._lock.acquire(timeout=0)
         except Timeout:  # before OSError: filelock's Timeout is a TimeoutError, an OSError
-            holder = read_holder(self.out_dir)
+            holder = wait_for_holder(self.out_dir)
             who = holder.describe() if holder else "another process"
             raise FolderLocked(
                 f"output folder {self.out_dir} is in use by another run ({who}); "

@@ -1,7 +1,9 @@
 """The output folder's files and their CSV format: names, columns, and the one reader everybody uses.
 
-Every CSV here is real CSV (the `csv` module, `newline=""`), UTF-8 with a BOM so that Excel shows Chinese
-captions correctly; readers open with `utf-8-sig` so the BOM never reaches a column name. Rows are
+Every CSV here is real CSV (the `csv` module, `newline=""`), plain UTF-8 without a BOM, so the users'
+own `csv.DictReader(open(p, encoding="utf-8"))` and pandas read it; `run --excel` starts new files with a
+BOM for Excel, and a folder keeps the encoding it was started with (`pipeline.ledger.encoding` decides).
+Readers accept both: the scanner skips a BOM, so it never reaches a column name. Rows are
 written whole and terminated by `\\r\\n`; captions keep their own `\\n` inside quoted fields.
 
 `read_table` is also the repair: a writer killed mid-row leaves a torn tail (a record without its
@@ -31,8 +33,9 @@ CAPTIONS_ALL = "captions_all.csv"
 ERRORS = "errors.csv"
 ATTRIBUTES = "attributes.csv"
 MANIFEST = "manifest.json"
-PART_PATTERN = "captions_part_{:04d}.csv"
+PART_PATTERN = "captions_part_{:0{digits}d}.csv"
 PART_GLOB = "captions_part_*.csv"
+PART_DIGITS = 4  # captions_part_0000.csv: the width while a folder has at most 10,000 parts
 
 # The first four are the names and order existing scripts expect; the rest may grow at the end only.
 CAPTION_COLUMNS = [
@@ -77,8 +80,8 @@ ATTRIBUTE_META_COLUMNS = [
 # attributes.csv: the meta columns, the slot and prompt version, then one column per schema field.
 ATTRIBUTE_ROW_COLUMNS = ATTRIBUTE_META_COLUMNS + ["caption_index", "prompt_hash"]
 
-ENCODING_WRITE_NEW = "utf-8-sig"  # BOM at the start of a new file only
-ENCODING_READ = "utf-8-sig"
+ENCODING_WRITE = "utf-8"  # never a BOM from the codec: `bom=True` writes one, at a file's start only
+ENCODING_READ = "utf-8-sig"  # a BOM, if there is one, never reaches a column name
 LINE_END = "\r\n"
 
 
@@ -88,9 +91,22 @@ def output_csv_names(out_dir: Path) -> list[str]:
     return [CAPTIONS_ALL, ATTRIBUTES, *parts]
 
 
-def part_name(position: int, batch_size: int) -> str:
-    """The part file of the image at index position `position`: part k holds [k*B, (k+1)*B)."""
-    return PART_PATTERN.format(position // batch_size)
+def part_digits(last_position: int, batch_size: int) -> int:
+    """How many digits every part number of a folder has: 4, or as many as its largest part number needs.
+
+    The largest part number is `last_position // batch_size` (the index's last position), so the width
+    depends only on the index and `--batch-size`, never on which rows are done. One width for all parts of
+    a folder keeps `sorted()` and a file browser in part order past 9,999 parts (5,000 parts for 100,000
+    images at the default 20; 50,000 for a million: 5 digits). When the width changes between runs
+    (a larger index), the start's re-split renames the parts (`pipeline.ledger.recover`).
+    """
+    return max(PART_DIGITS, len(str(max(0, last_position) // batch_size)))
+
+
+def part_name(position: int, batch_size: int, digits: int = PART_DIGITS) -> str:
+    """The part file of the image at index position `position`: part k holds [k*B, (k+1)*B); its number
+    has `digits` digits (`part_digits`)."""
+    return PART_PATTERN.format(position // batch_size, digits=digits)
 
 
 # --- rows <-> CSV records ----------------------------------------------------------------------------
@@ -339,11 +355,16 @@ def read_attributes(out_dir: Path) -> list[dict[str, str]]:
     return read_table(Path(out_dir) / ATTRIBUTES).rows
 
 
-def write_csv_atomic(path: Path, header: list[str], records: Iterable[list[str]]) -> None:
-    """Write a whole CSV file via a temporary file and os.replace, so readers never see half of it."""
+def write_csv_atomic(path: Path, header: list[str], records: Iterable[list[str]], *, bom: bool = False) -> None:
+    """Write a whole CSV file via a temporary file and os.replace, so readers never see half of it.
+
+    `bom`: start it with a BOM (a rewrite keeps the file's own, see `pipeline.ledger.encoding.bom_for`).
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding=ENCODING_WRITE_NEW, newline="") as fh:
+    with open(tmp, "w", encoding=ENCODING_WRITE, newline="") as fh:
+        if bom:
+            fh.write("\ufeff")
         w = csv.writer(fh, lineterminator=LINE_END)
         w.writerow(header)
         w.writerows(records)

@@ -142,8 +142,11 @@ def _key(d: dict[str, str]) -> tuple[str, str, int]:
     return (d.get("image_id", ""), d.get("prompt_name") or "", index)
 
 
-def merge_into(out_dir: Path, held: HeldFile) -> tuple[int, int]:
-    """Append a held file's records to its target, skipping what is already there. (added, skipped)."""
+def merge_into(out_dir: Path, held: HeldFile, bom: bool = False) -> tuple[int, int]:
+    """Append a held file's records to its target, skipping what is already there. (added, skipped).
+
+    `bom`: the folder's encoding, for a target that is new or empty (an existing one keeps its own).
+    """
     path = Path(out_dir) / held.name
     table = read_table(path, repair=True)  # a torn tail (a merge killed mid-write) is cut, not buried
     existing_header = table.header if path.exists() and path.stat().st_size > 0 else []
@@ -163,15 +166,17 @@ def merge_into(out_dir: Path, held: HeldFile) -> tuple[int, int]:
         seen.add(mark)
         out.append([d.get(c, "") for c in header])
     if out:
-        appendfile.append_bytes(path, records_bytes(out), header_bytes(header))
+        appendfile.append_bytes(path, records_bytes(out), header_bytes(header, bom))
     return len(out), skipped
 
 
 _ORDER = {CAPTIONS_ALL: 0, ERRORS: 2, ATTRIBUTES: 3}
 
 
-def merge_pending(out_dir: Path) -> list[str]:
+def merge_pending(out_dir: Path, bom: bool = False) -> list[str]:
     """Merge every pending file of this folder into its target files, then delete it. Returns notes.
+
+    `bom`: the folder's encoding (`pipeline.ledger.encoding`), for a target file that is new or empty.
 
     Called before anything else at the start of a run, so what was paid for and held counts as done.
     A pending file that cannot be merged (its target still unwritable) stops the run before any request
@@ -199,7 +204,7 @@ def merge_pending(out_dir: Path) -> list[str]:
             try:
                 if not (out_dir / h.name).parent.is_dir():
                     out_dir.mkdir(parents=True, exist_ok=True)
-                n, s = merge_into(out_dir, h)
+                n, s = merge_into(out_dir, h, bom)
             except OSError as exc:
                 raise ConfigError(
                     f"held answers in {path} cannot be merged: {h.name} cannot be written: "

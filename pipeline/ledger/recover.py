@@ -15,7 +15,13 @@ In this order, each step working on what the one before left:
 5. make the part files hold exactly captions_all.csv's rows, split by index position for the current
    `--batch-size` (re-split when it changed). Rows of images not in the current index stay in
    captions_all.csv and in no part. A part is removed only once captions_all.csv holds all its rows,
-   which step 4 has made sure of.
+   which step 4 has made sure of. Part numbers have 4 digits, or as many as the index's largest part
+   number needs (`part_digits`); an index grown past 10,000 parts renames every part to the new width
+   (written under the new names first, then the old ones removed).
+
+Every file written or rewritten here follows the folder's encoding (`pipeline.ledger.encoding`): a
+rewrite keeps the file's own BOM-or-not (quarantine copies its bytes, a migration or a rebuilt part asks
+`bom_for`), a new file gets the folder's (`bom`).
 
 errors.csv is append-only across runs: it is repaired, never reset. The decisions are pure functions
 (`missing_from`, `plan_parts`, `header_change`); `recover_folder` does the I/O around them.
@@ -30,6 +36,7 @@ from typing import Iterable, Mapping
 
 from pipeline.errors import OutputError
 from pipeline.ledger import appendfile
+from pipeline.ledger.encoding import bom_for
 from pipeline.ledger.pending import merge_pending
 from pipeline.ledger.outputs import (
     ATTRIBUTE_ROW_COLUMNS,
@@ -41,6 +48,7 @@ from pipeline.ledger.outputs import (
     PART_GLOB,
     Table,
     attribute_columns_for,
+    part_digits,
     part_name,
     read_table,
     write_csv_atomic,
@@ -49,6 +57,7 @@ from pipeline.ledger.outputs import (
 Row = dict[str, str]
 Key = tuple[str, str, int]
 MAX_PART_NOTES = 5  # more part files changed than this: one summary line instead of one line each
+PART_PREFIX = "captions_part_"
 
 
 @dataclass
@@ -109,13 +118,26 @@ def missing_from(all_rows: Iterable[Row], parts: Mapping[str, list[Row]]) -> lis
 
 
 def plan_parts(all_rows: Iterable[Row], positions: Mapping[str, int], batch_size: int) -> dict[str, list[Row]]:
-    """The rows each part file should hold: captions_all.csv's rows, by index position // batch_size."""
+    """The rows each part file should hold: captions_all.csv's rows, by index position // batch_size.
+
+    Part numbers have the width the whole index needs (`part_digits`), whatever rows are done yet."""
+    digits = part_digits(max(positions.values(), default=0), batch_size)
     plan: dict[str, list[Row]] = defaultdict(list)
     for d in all_rows:
         pos = positions.get(d.get("image_id", ""))
         if pos is not None:
-            plan[part_name(pos, batch_size)].append(d)
+            plan[part_name(pos, batch_size, digits)].append(d)
     return dict(plan)
+
+
+def part_number_widths(names: Iterable[str]) -> set[int]:
+    """The digit widths of part file names (`captions_part_0007.csv` -> 4); other names are ignored."""
+    widths: set[int] = set()
+    for name in names:
+        number = name.removeprefix(PART_PREFIX).removesuffix(".csv")
+        if name.startswith(PART_PREFIX) and name.endswith(".csv") and number.isdigit():
+            widths.add(len(number))
+    return widths
 
 
 def same_rows(a: list[Row], b: list[Row]) -> bool:
@@ -131,12 +153,14 @@ def recover_folder(
     positions: Mapping[str, int],
     attribute_fields: list[str] | None = None,
     previous_batch_size: int | None = None,
+    bom: bool = False,
 ) -> Recovery:
     """Bring the folder to a state a run can append to; see the module docstring for the steps.
 
     `attribute_fields`: this run's structured-prompt fields (attributes.csv keeps any older ones too; the
-    result's `attribute_fields` is what the writer must write). Raises OutputError (one line) for a file
-    that is not ours or that cannot be rewritten.
+    result's `attribute_fields` is what the writer must write). `bom`: the folder's encoding, for files
+    made new here (`pipeline.ledger.encoding.decide`). Raises OutputError (one line) for a file that is
+    not ours or that cannot be rewritten.
     """
     out_dir = Path(out_dir)
     fields = list(attribute_fields or [])
@@ -149,13 +173,13 @@ def recover_folder(
     if attrs and fields:  # only a run that writes attributes.csv changes its columns
         fields = merged_attribute_fields(attrs.header, fields)
         _migrate(out_dir / ATTRIBUTES, attrs, attribute_columns_for(fields), notes)
-    merged = merge_pending(out_dir)
+    merged = merge_pending(out_dir, bom)
     if merged:
         notes += merged
         all_rows, parts = _captions(out_dir, notes)
 
-    all_rows = all_rows + _restore(out_dir, all_rows, parts, notes)
-    notes += _reconcile_parts(out_dir, all_rows, parts, positions, batch_size, previous_batch_size)
+    all_rows = all_rows + _restore(out_dir, all_rows, parts, notes, bom)
+    notes += _reconcile_parts(out_dir, all_rows, parts, positions, batch_size, previous_batch_size, bom)
     return Recovery(notes, fields)
 
 
@@ -194,13 +218,17 @@ def _migrate(path: Path, table: Table, columns: list[str], notes: list[str]) -> 
 
 
 def _rewrite(path: Path, columns: list[str], rows: list[Row]) -> None:
+    """A migration: the file keeps its own BOM-or-not (it has bytes: it has a header)."""
     try:
-        write_csv_atomic(path, columns, ([d.get(c, "") for c in columns] for d in rows))
+        bom = bom_for(path, False)
+        write_csv_atomic(path, columns, ([d.get(c, "") for c in columns] for d in rows), bom=bom)
     except OSError as exc:
         raise OutputError(f"cannot rewrite {path}: {exc.strerror or exc}") from None
 
 
-def _restore(out_dir: Path, all_rows: list[Row], parts: Mapping[str, list[Row]], notes: list[str]) -> list[Row]:
+def _restore(
+    out_dir: Path, all_rows: list[Row], parts: Mapping[str, list[Row]], notes: list[str], bom: bool = False
+) -> list[Row]:
     """Step 4: append to captions_all.csv the rows only the parts hold; returns them."""
     extra = missing_from(all_rows, parts)
     if not extra:
@@ -209,7 +237,8 @@ def _restore(out_dir: Path, all_rows: list[Row], parts: Mapping[str, list[Row]],
     was_missing = not path.exists()
     records = [[d.get(c, "") for c in CAPTION_COLUMNS] for d in extra]
     try:
-        appendfile.append_bytes(path, appendfile.records_bytes(records), appendfile.header_bytes(CAPTION_COLUMNS))
+        header = appendfile.header_bytes(CAPTION_COLUMNS, bom)  # written only if the file is new or empty
+        appendfile.append_bytes(path, appendfile.records_bytes(records), header)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
     rows = f"{len(extra):,} row{'s' if len(extra) != 1 else ''}"
@@ -227,29 +256,42 @@ def _reconcile_parts(
     positions: Mapping[str, int],
     batch_size: int,
     previous_batch_size: int | None,
+    bom: bool = False,
 ) -> list[str]:
-    """Step 5: rewrite each part whose rows differ from the plan; remove parts the plan has no rows for."""
+    """Step 5: rewrite each part whose rows differ from the plan; then remove parts the plan has no rows for.
+
+    Writing comes first, so parts renamed to a wider number (an index grown past 10,000 parts) exist under
+    their new names before the old ones go. A rebuilt part keeps its own BOM-or-not; a new one gets the
+    folder's (`bom`)."""
     plan = plan_parts(all_rows, positions, batch_size)
     changes: list[str] = []
-    for name in sorted(set(parts) | set(plan)):
-        want = plan.get(name, [])
+    for name in sorted(plan):
+        want = plan[name]
         have = parts.get(name)
         if have is not None and same_rows(have, want):
             continue
         path = out_dir / name
         try:
-            if not want:
-                path.unlink(missing_ok=True)
-                changes.append(f"{name}: removed (no row of {CAPTIONS_ALL} belongs to it now)")
-                continue
-            write_csv_atomic(path, CAPTION_COLUMNS, ([d.get(c, "") for c in CAPTION_COLUMNS] for d in want))
+            records = ([d.get(c, "") for c in CAPTION_COLUMNS] for d in want)
+            write_csv_atomic(path, CAPTION_COLUMNS, records, bom=bom_for(path, bom))
         except OSError as exc:
             raise OutputError(f"cannot rewrite {path}: {exc.strerror or exc}") from None
         changes.append(f"{name}: rebuilt from {CAPTIONS_ALL} ({len(have or []):,} -> {len(want):,} rows)")
+    for name in sorted(set(parts) - set(plan)):
+        path = out_dir / name
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot remove {path}: {exc.strerror or exc}") from None
+        changes.append(f"{name}: removed (no row of {CAPTIONS_ALL} belongs to it now)")
     if not changes:
         return []
     if previous_batch_size is not None and previous_batch_size != batch_size:
         return [f"re-split parts for --batch-size {batch_size} (was {previous_batch_size})"]
+    digits = part_digits(max(positions.values(), default=0), batch_size)
+    if part_number_widths(parts) - {digits}:
+        return [f"part files renamed to {digits}-digit numbers ({part_name(0, batch_size, digits)}, ...) so they "
+                f"still sort: the index now needs {max(positions.values(), default=0) // batch_size + 1:,} parts"]
     if len(changes) > MAX_PART_NOTES:
         return [f"part files: {len(changes)} rebuilt or removed to match {CAPTIONS_ALL}"]
     return changes

@@ -13,6 +13,9 @@ seconds while it keeps receiving the answers still in flight. If the run ends fi
 a pending file (`pipeline.ledger.pending`) that the next start merges. Every append goes through
 `pipeline.ledger.appendfile.append_bytes`, which leaves a file whole or as it was.
 
+Every new file starts as the folder's encoding says (`pipeline.ledger.encoding`: plain UTF-8 by default, a
+BOM with `--excel` or in a folder started with one), decided once in `open` before anything is written.
+
 Write order is captions_all.csv first, then the part: captions_all.csv is the record of what is done; if a
 crash falls between the two writes, `open` on the next start rebuilds the part from captions_all.csv.
 """
@@ -31,6 +34,7 @@ from anyio.abc import ObjectReceiveStream
 from pipeline.errors import ConfigError
 from pipeline.ledger import appendfile
 from pipeline.ledger.appendfile import describe_write_error
+from pipeline.ledger.encoding import FolderEncoding, decide, folder_bom
 from pipeline.ledger.pending import HeldFile, save_pending
 from pipeline.ledger.recover import recover_folder
 from pipeline.ledger.outputs import (
@@ -45,6 +49,7 @@ from pipeline.ledger.outputs import (
     attribute_row_record,
     caption_record,
     error_record,
+    part_digits,
     part_name,
     read_done,
 )
@@ -69,7 +74,7 @@ class FileQueue:
 
     name: str
     columns: list[str]
-    header: bytes  # BOM + header line, written first when the file is new or empty
+    header: bytes  # header line (after a BOM if the folder has them), written first when the file is new or empty
     answers: bool = True  # False for a part file: derived from captions_all.csv, rebuilt at start
     records: list[list[str]] = field(default_factory=list)
 
@@ -103,10 +108,20 @@ class OutputWriter:
         batch_size: int,
         positions: dict[str, int],
         attribute_fields: list[str] | None = None,
+        *,
+        excel: bool = False,
+        recorded_bom: object = None,
     ) -> None:
+        """`excel`: start new files with a BOM (`run --excel`), if the folder has no encoding yet;
+        `recorded_bom`: the manifest's `csv_bom`, for a folder whose CSV files say nothing (none yet)."""
         self.out_dir = Path(out_dir)
+        self.excel = excel
+        self.recorded_bom = recorded_bom
+        self.encoding = FolderEncoding(bom=excel)  # decided from the folder in read_done / open
         self.batch_size = batch_size
         self.positions = positions
+        # one width for every part of the folder, from the whole index (as recover's re-split plans them)
+        self.part_digits = part_digits(max(positions.values(), default=0), batch_size)
         self.attribute_fields = attribute_fields or []
         self._queues: dict[str, FileQueue] = {}
         self.rows_written = 0  # answer rows (captions_all.csv, errors.csv, attributes.csv) on disk
@@ -118,7 +133,18 @@ class OutputWriter:
     # --- start ------------------------------------------------------------------------------------
     def read_done(self) -> ResumeState:
         """What is done, read-only (dry-run, status): nothing on disk changes."""
+        self.decide_encoding()
         return self._read()
+
+    def decide_encoding(self) -> FolderEncoding:
+        """BOM or not for this folder's new files: its own encoding if it has one, else `--excel`."""
+        existing = folder_bom(self.out_dir, self.recorded_bom)
+        self.encoding = decide(existing, self.excel, f"output folder {self.out_dir}")
+        return self.encoding
+
+    @property
+    def bom(self) -> bool:
+        return self.encoding.bom
 
     def _read(self) -> ResumeState:
         """What the folder holds, read without changing it (`open` has repaired it first, if a run)."""
@@ -134,12 +160,14 @@ class OutputWriter:
         """
         check_writable(self.out_dir)
         self.check_appendable()
+        self.decide_encoding()  # before recovery writes anything: the folder as it was started
         recovery = recover_folder(
             self.out_dir,
             batch_size=self.batch_size,
             positions=self.positions,
             attribute_fields=self.attribute_fields,
             previous_batch_size=previous_batch_size,
+            bom=self.bom,
         )
         self.attribute_fields = recovery.attribute_fields
         state = self._read()
@@ -156,7 +184,7 @@ class OutputWriter:
     def _queue(self, name: str, columns: list[str], *, answers: bool = True) -> FileQueue:
         q = self._queues.get(name)
         if q is None:
-            q = self._queues[name] = FileQueue(name, columns, appendfile.header_bytes(columns), answers)
+            q = self._queues[name] = FileQueue(name, columns, appendfile.header_bytes(columns, self.bom), answers)
         return q
 
     def queue(self, results: Iterable[Result]) -> None:
@@ -165,7 +193,7 @@ class OutputWriter:
             if isinstance(r, CaptionRow):
                 rec = caption_record(r)
                 self._queue(CAPTIONS_ALL, CAPTION_COLUMNS).records.append(rec)
-                part = part_name(r.position, self.batch_size)
+                part = part_name(r.position, self.batch_size, self.part_digits)
                 if part not in self.given_up_parts:
                     self._queue(part, CAPTION_COLUMNS, answers=False).records.append(rec)
             elif isinstance(r, ErrorRow):

@@ -1,4 +1,4 @@
-"""An HTTP error answer as an ErrorKind: by status, OpenAI's error `code` and `type`, never the message.
+"""An HTTP error answer as an ErrorKind: by status, the error's `code` and `type`, never the message.
 
 Every provider's failures become one of these kinds (`pipeline.providers.base.ErrorKind`); the retry
 policy and the CLI read only the kind.
@@ -14,11 +14,20 @@ from pipeline.providers.headers import exceeds_token_limit
 __all__ = ["classify_status"]
 
 
-_QUOTA_CODES = frozenset({"insufficient_quota", "billing_not_active", "billing_hard_limit_reached"})
+# Codes are compared lower-cased. Besides OpenAI's: DashScope's "Arrearage" (400: the account is overdue)
+# and "AllocationQuota.FreeTierOnly" (403: the free quota is used up and paid use is off) are out of money;
+# DashScope's "InvalidApiKey" and Google's ErrorInfo reason "API_KEY_INVALID" (sent with a 400) are a bad
+# key; Google's "FAILED_PRECONDITION" (400: e.g. the API is not offered in the caller's region without
+# billing) refuses every request alike, so it stops the run as a refusal of access.
+_QUOTA_CODES = frozenset({
+    "insufficient_quota", "billing_not_active", "billing_hard_limit_reached",
+    "arrearage", "allocationquota.freetieronly",
+})
 _TOO_LARGE_CODES = frozenset(
     {"request_too_large", "context_length_exceeded", "string_above_max_length", "tokens_exceeded"}
 )
-_AUTH_CODES = frozenset({"invalid_api_key", "invalid_authentication"})
+_AUTH_CODES = frozenset({"invalid_api_key", "invalid_authentication", "invalidapikey", "api_key_invalid"})
+_PERMISSION_CODES = frozenset({"failed_precondition"})
 
 
 def classify_status(
@@ -29,7 +38,10 @@ def classify_status(
     headers: Mapping[str, str] | None = None,
     reserve_tokens: int | None = None,
 ) -> ErrorKind:
-    """Map an HTTP status and OpenAI's error `code` (and optionally `type`) to an ErrorKind.
+    """Map an HTTP status and the error's `code` (and optionally `type`) to an ErrorKind.
+
+    `code` is what `pipeline.providers.errorbody.error_code` finds in any provider's body (OpenAI's
+    `error.code`, DashScope's top-level `code`, Google's ErrorInfo reason or status).
 
     Codes refine the status; messages are never read. Notes:
     - 429 is a rate limit unless the code/type says quota (OpenAI has sent insufficient_quota with
@@ -55,7 +67,7 @@ def classify_status(
         return ErrorKind.QUOTA
     if status == 401 or c in _AUTH_CODES:
         return ErrorKind.AUTH
-    if status == 403:
+    if status == 403 or c in _PERMISSION_CODES:
         return ErrorKind.PERMISSION
     if status == 404 or c == "model_not_found":
         return ErrorKind.NOT_FOUND

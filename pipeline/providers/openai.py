@@ -42,6 +42,7 @@ from pipeline.providers.base import APIFailure, ErrorKind, ModelReply, ModelRequ
 from pipeline.records import Usage
 from pipeline.providers.refusals import is_empty, looks_like_refusal
 from pipeline.providers.classify import classify_status
+from pipeline.providers.errorbody import error_code, error_message, error_type, one_line
 
 
 def build_messages(req: ModelRequest) -> list[dict[str, Any]]:
@@ -133,12 +134,14 @@ def redact(text: str, secret: str | None) -> str:
 def failure_from_sdk(exc: Exception, secret: str | None, reserve_tokens: int | None = None) -> APIFailure:
     """Map an SDK exception to a typed APIFailure (by class, status, code and type; never message text)."""
     if isinstance(exc, openai.APIStatusError):
-        body = exc.body if isinstance(exc.body, dict) else {}
-        err = body.get("error", body) if isinstance(body, dict) else {}
-        code = exc.code or (err.get("code") if isinstance(err, dict) else None)
-        etype = getattr(exc, "type", None) or (err.get("type") if isinstance(err, dict) else None)
-        message = (err.get("message") if isinstance(err, dict) else None) or exc.message or ""
-        message = " ".join(str(message).split())[:300]
+        # exc.body is the decoded answer (its "error" object when there is one), a list (Gemini) or the
+        # plain text; each provider's shape is read by pipeline.providers.errorbody.
+        body = exc.body
+        code = error_code(body) or (exc.code if isinstance(exc.code, str) else None)
+        sdk_type = getattr(exc, "type", None)
+        etype = error_type(body) or (sdk_type if isinstance(sdk_type, str) else None)
+        # no words in the body (an empty 502 from a proxy): the status line's reason phrase, "Bad Gateway"
+        message = error_message(body) or one_line(getattr(exc.response, "reason_phrase", "") or "") or "no message"
         headers = dict(exc.response.headers) if exc.response is not None else {}
         return APIFailure(
             classify_status(exc.status_code, code, error_type=etype, headers=headers, reserve_tokens=reserve_tokens),
@@ -237,6 +240,40 @@ def make_http_client(transport: str, max_connections: int, timeout: float) -> An
     return openai.DefaultAsyncHttpxClient(limits=limits, timeout=timeout)
 
 
+def azure_client_args(endpoint: str | None, api_version: str) -> dict[str, Any]:
+    """How an Azure endpoint is handed to `AsyncAzureOpenAI`: a resource URL
+    (https://<resource>.openai.azure.com) as `azure_endpoint`, a URL already holding `/openai` as
+    `base_url`. Pure.
+
+    Either way the deployment is the request's `model`: for `/chat/completions` with a JSON body the SDK
+    (openai/lib/azure.py, `BaseAzureClient._build_request`) rewrites the path to
+    `/openai/deployments/{model}/chat/completions`, the same for the low-level `client.post` the backend
+    uses, and adds `?api-version=...` to every request; the key goes in the `api-key` header.
+    """
+    if not endpoint:
+        raise ValueError("Azure needs an endpoint (AZURE_OPENAI_ENDPOINT or --base-url)")
+    url = endpoint.strip()
+    path = url.split("://", 1)[-1].partition("/")[2]
+    if "openai" in path.split("/"):
+        return {"base_url": url.rstrip("/"), "api_version": api_version}
+    return {"azure_endpoint": url.rstrip("/"), "api_version": api_version}
+
+
+def is_azure_v1(endpoint: str | None) -> bool:
+    """Azure's v1 API (https://<resource>.openai.azure.com/openai/v1/) takes the plain OpenAI client:
+    model names in the body, no api-version, no /deployments/ path."""
+    path = (endpoint or "").split("://", 1)[-1].partition("/")[2].strip("/")
+    return path.endswith("openai/v1")
+
+
+def make_azure_client(api_key: str, endpoint: str | None, api_version: str, timeout: float, http_client: Any) -> Any:
+    """An `openai.AsyncAzureOpenAI` client for Azure OpenAI deployments (see `azure_client_args`)."""
+    return openai.AsyncAzureOpenAI(
+        api_key=api_key, max_retries=0, timeout=timeout, http_client=http_client,
+        **azure_client_args(endpoint, api_version),
+    )
+
+
 class OpenAIBackend:
     name = "openai"
 
@@ -248,17 +285,18 @@ class OpenAIBackend:
         timeout: float,
         max_connections: int,
         transport: str = "aiohttp",
+        azure_api_version: str | None = None,
     ) -> None:
         self._key = api_key
         self.timeout = timeout
         self.probe_timeout = min(PROBE_TIMEOUT_S, timeout)
-        self.client = openai.AsyncOpenAI(
-            api_key=api_key,
-            base_url=base_url,
-            max_retries=0,
-            timeout=timeout,
-            http_client=make_http_client(transport, max_connections, timeout),
-        )
+        http_client = make_http_client(transport, max_connections, timeout)
+        if azure_api_version is not None and not is_azure_v1(base_url):
+            self.client = make_azure_client(api_key, base_url, azure_api_version, timeout, http_client)
+        else:
+            self.client = openai.AsyncOpenAI(
+                api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout, http_client=http_client
+            )
 
     async def caption(self, request: ModelRequest) -> ModelReply:
         kwargs = build_request(request)

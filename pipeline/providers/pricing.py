@@ -1,20 +1,26 @@
-"""Model prices and image-token rules from config/pricing.toml, and the cost of one answer.
+"""Model prices and image-token rules from a pricing TOML, and the cost of one answer.
 
-Prices change more often than code, so they live in a TOML file the user can edit, with the date they
-were taken; the CLI's --price-in/--price-out/--price-cached-in override them (0 for a local server).
+Prices change more often than code, so they live in a TOML file with the date they were taken. The
+package ships one (`pipeline/bundled/pricing.toml`, package data read through importlib.resources, so
+an installed wheel finds it from any folder); a user's own file overrides it as a whole: `--pricing
+FILE`, else `$REID_PROMPT_PRICING`, else `config/pricing.toml` in the current folder
+(`choose_pricing_file`). The CLI's --price-in/--price-out/--price-cached-in override single prices (0 for a
+local server).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
+from pipeline import bundled
 from pipeline.errors import ConfigError
 from pipeline.records import Usage
-from pipeline.providers.tokens import TILE_4O, ImageRule
+from pipeline.providers.tokens import GEMINI, QWEN_VL_28, QWEN_VL_32, TILE_4O, ImageRule
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -23,17 +29,29 @@ else:  # pragma: no cover - Python 3.10
 
 __all__ = [
     "DEFAULT_PRICING_PATH",
+    "PRICING_ENV",
+    "LOCAL_PRICING",
     "ModelPrice",
     "PricingTable",
+    "PricingChoice",
+    "choose_pricing_file",
+    "pricing_choice",
     "load_pricing",
+    "load_run_pricing",
+    "pricing_label",
     "lookup",
+    "lookup_names",
+    "guess_image_rule",
     "resolve_price",
     "cost_usd",
     "row_cost",
 ]
 
-# The repository's config/ next to the package (the project is installed editable).
-DEFAULT_PRICING_PATH = Path(__file__).resolve().parents[2] / "config" / "pricing.toml"
+# The prices shipped with the package (package data: found the same way by a wheel, `pip install .` and
+# `pip install -e .`).
+DEFAULT_PRICING_PATH = bundled.bundled_path(bundled.PRICING)
+PRICING_ENV = "REID_PROMPT_PRICING"  # a user's pricing file for every run, without --pricing
+LOCAL_PRICING = Path("config") / "pricing.toml"  # ... or one in the folder the command runs in
 
 
 @dataclass(frozen=True)
@@ -51,6 +69,8 @@ class ModelPrice:
     output: float
     image_rule: ImageRule
     known: bool = True
+    source: str = ""  # where the pricing file says this model's figures came from
+    taken_on: str = ""  # ... and when (the file's [meta] taken_on when the model gives none)
 
 
 @dataclass
@@ -100,13 +120,93 @@ def _parse_model(path: Path, name: str, spec: Any) -> ModelPrice:
             multiplier=_number(path, f"{where}.image_multiplier", spec["image_multiplier"]),
             patch_cap=cap or 1536,
         )
+    elif kind == "qwen":
+        # Qwen-VL's smart_resize: image_patch_px 28 (Qwen2/2.5-VL) or 32 (Qwen3-VL), 4..max patches, +2
+        patch_px = _positive_int(path, f"{where}.image_patch_px", spec.get("image_patch_px", 28))
+        rule = ImageRule(
+            "qwen",
+            base=_positive_int(path, f"{where}.image_extra_tokens", spec.get("image_extra_tokens", 2)),
+            patch_px=patch_px or 28,
+            min_tokens=_positive_int(path, f"{where}.image_min_tokens", spec.get("image_min_tokens", 4)) or 4,
+            max_tokens=_positive_int(path, f"{where}.image_max_tokens", spec.get("image_max_tokens", 1280)) or 1280,
+        )
+    elif kind == "gemini":
+        # Gemini 2.x: image_base (258) for both sides <= 384 px, else image_per_tile (258) per crop tile
+        rule = ImageRule(
+            "gemini",
+            base=_positive_int(path, f"{where}.image_base", spec.get("image_base", 258)),
+            per_tile=_positive_int(path, f"{where}.image_per_tile", spec.get("image_per_tile", 258)),
+        )
     else:
-        raise ConfigError(f'{path}: {where}.image_rule must be "tile" or "patch", got {kind!r}')
-    return ModelPrice(name, input_price, cached, output_price, rule)
+        raise ConfigError(
+            f'{path}: {where}.image_rule must be "tile", "patch", "qwen" or "gemini", got {kind!r}'
+        )
+    source = spec.get("source", "")
+    taken_on = spec.get("taken_on", "")
+    if not isinstance(source, str) or not isinstance(taken_on, str):
+        raise ConfigError(f"{path}: {where}.source and .taken_on must be strings")
+    return ModelPrice(name, input_price, cached, output_price, rule, source=source.strip(),
+                      taken_on=taken_on.strip())
+
+
+@dataclass(frozen=True)
+class PricingChoice:
+    """Which pricing file a run reads, and why (`origin` is said in an error about the file)."""
+
+    path: Path
+    origin: str  # "--pricing" | "REID_PROMPT_PRICING" | "config/pricing.toml in the current folder" | "bundled"
+
+    @property
+    def bundled(self) -> bool:
+        return self.origin == "bundled"
+
+
+def choose_pricing_file(
+    flag: Path | None, env: Mapping[str, str], local_exists: bool, bundled_file: Path = DEFAULT_PRICING_PATH
+) -> PricingChoice:
+    """The pricing file to read: `--pricing`, else `$REID_PROMPT_PRICING`, else `config/pricing.toml` in
+    the current folder when `local_exists`, else the bundled one. Pure: the caller looks at the disk.
+
+    A user's file replaces the bundled table as a whole (no merging), so what a run is priced by is one
+    file a user can read. An empty variable counts as unset.
+    """
+    if flag is not None:
+        return PricingChoice(Path(flag), "--pricing")
+    from_env = env.get(PRICING_ENV, "").strip()
+    if from_env:
+        return PricingChoice(Path(from_env), PRICING_ENV)
+    if local_exists:
+        return PricingChoice(LOCAL_PRICING, f"{LOCAL_PRICING.as_posix()} in the current folder")
+    return PricingChoice(bundled_file, "bundled")
+
+
+def pricing_choice(flag: Path | None = None) -> PricingChoice:
+    """`choose_pricing_file` for this process: its environment and current folder."""
+    return choose_pricing_file(flag, os.environ, LOCAL_PRICING.is_file())
+
+
+def load_run_pricing(flag: Path | None = None) -> PricingTable:
+    """The table a run (or a dry-run) prices with: the chosen file, loaded. Errors name where the choice
+    came from when that is not the command line (a stale variable or a forgotten config/ folder)."""
+    choice = pricing_choice(flag)
+    try:
+        return load_pricing(choice.path)
+    except ConfigError as exc:
+        if choice.origin in ("--pricing", "bundled"):
+            raise
+        raise ConfigError(f"{exc} (chosen by {choice.origin})") from None
+
+
+def pricing_label(table: PricingTable) -> str:
+    """The pricing file as a message names it: "the bundled pricing.toml", or the user's path."""
+    source = table.source
+    if source is None or source == DEFAULT_PRICING_PATH:
+        return "the bundled pricing.toml"
+    return str(source)
 
 
 def load_pricing(path: Path | None = None) -> PricingTable:
-    """Read a pricing TOML (default: config/pricing.toml of this checkout). Problems are one-line ConfigErrors."""
+    """Read a pricing TOML (default: the bundled one). Problems are one-line ConfigErrors."""
     source = Path(path) if path is not None else DEFAULT_PRICING_PATH
     try:
         with source.open("rb") as fh:
@@ -137,15 +237,47 @@ def lookup(table: PricingTable, model: str) -> ModelPrice | None:
     Dated snapshots resolve to their family (gpt-4o-mini-2024-07-18 -> gpt-4o-mini), and the longest
     match keeps gpt-4o-mini from being priced as gpt-4o. Case-insensitive.
     """
-    wanted = model.strip().lower()
     lowered = {name.lower(): price for name, price in table.models.items()}
-    if wanted in lowered:
-        return lowered[wanted]
-    best: str | None = None
-    for name in lowered:
-        if wanted.startswith(name) and (best is None or len(name) > len(best)):
-            best = name
-    return lowered[best] if best is not None else None
+    for wanted in lookup_names(model):
+        if wanted in lowered:
+            return lowered[wanted]
+        best: str | None = None
+        for name in lowered:
+            if wanted.startswith(name) and (best is None or len(name) > len(best)):
+                best = name
+        if best is not None:
+            return lowered[best]
+    return None
+
+
+def lookup_names(model: str) -> list[str]:
+    """The names `model` is looked up by, in order: as given, then without a provider's prefix, then
+    without a variant tag. Lower-cased. Pure.
+
+    OpenRouter and Hugging Face name models `vendor/model` (qwen/qwen2.5-vl-72b-instruct,
+    google/gemini-2.0-flash-001, Qwen/Qwen2.5-VL-7B-Instruct as vLLM serves it), Gemini's endpoint
+    accepts `models/gemini-2.0-flash`, and OpenRouter and Ollama add `:tag` (`:free`, `:7b`); the
+    pricing file lists each model once, by its plain name.
+    """
+    names: list[str] = []
+    full = model.strip().lower()
+    for name in (full, full.rsplit("/", 1)[-1]):
+        for candidate in (name, name.split(":", 1)[0]):
+            if candidate and candidate not in names:
+                names.append(candidate)
+    return names
+
+
+def guess_image_rule(model: str) -> ImageRule:
+    """The image-token rule of a model the pricing file does not list, from its family name (the name
+    is all there is): Qwen3-VL and Qwen2/2.5-VL served locally count Qwen-VL patches, Gemini its tiles;
+    anything else gpt-4o's tiles. Only token estimates depend on it, never a price."""
+    name = lookup_names(model)[-1].replace("_", "-")
+    if "qwen" in name and "vl" in name:
+        return QWEN_VL_32 if name.startswith(("qwen3", "qwen-3")) else QWEN_VL_28
+    if name.startswith("gemini"):
+        return GEMINI
+    return TILE_4O
 
 
 def resolve_price(
@@ -167,9 +299,13 @@ def resolve_price(
             raise ConfigError(f"{flag} must be a non-negative number, got {value!r}")
     base = lookup(table, model)
     if base is None:
-        base = ModelPrice(model, 0.0, 0.0, 0.0, TILE_4O, known=price_in is not None and price_out is not None)
+        base = ModelPrice(model, 0.0, 0.0, 0.0, guess_image_rule(model),
+                          known=price_in is not None and price_out is not None)
+    elif model.strip().lower().endswith(":free"):  # OpenRouter's free variant of a listed model
+        base = ModelPrice(model, 0.0, 0.0, 0.0, base.image_rule, known=True, source="OpenRouter :free variant")
     else:
-        base = ModelPrice(model, base.input, base.cached_input, base.output, base.image_rule, known=True)
+        base = ModelPrice(model, base.input, base.cached_input, base.output, base.image_rule, known=True,
+                          source=base.source, taken_on=base.taken_on or table.taken_on)
     input_price = base.input if price_in is None else float(price_in)
     if price_cached_in is not None:
         cached = float(price_cached_in)
@@ -178,7 +314,10 @@ def resolve_price(
     else:
         cached = base.cached_input
     output_price = base.output if price_out is None else float(price_out)
-    return ModelPrice(model, input_price, cached, output_price, base.image_rule, known=base.known)
+    overridden = any(v is not None for v in (price_in, price_out, price_cached_in))
+    return ModelPrice(model, input_price, cached, output_price, base.image_rule, known=base.known,
+                      source="overridden (--price-* or a local provider)" if overridden else base.source,
+                      taken_on="" if overridden else base.taken_on)
 
 
 def cost_usd(price: ModelPrice, usage: Usage) -> float:

@@ -30,7 +30,8 @@ from pipeline.ledger.costs import Spent
 from pipeline.errors import ReidPromptError
 from pipeline.ledger.outputs import CAPTIONS_ALL, DoneRead, caption_from_dict, read_done
 from pipeline.data.prompts import billed_text, render_prompt
-from pipeline.providers.pricing import ModelPrice, PricingTable, cost_usd, load_pricing
+from pipeline.providers.presets import get_preset
+from pipeline.providers.pricing import ModelPrice, PricingTable, cost_usd, load_run_pricing, pricing_label
 from pipeline.records import IndexEntry, Prompt, Usage
 from pipeline.providers.tokens import DEFAULT_MAX_OUTPUT_TOKENS, MESSAGE_OVERHEAD_TOKENS, image_tokens, text_tokens
 
@@ -241,8 +242,7 @@ def describe_price_source(table: PricingTable | None, *, overridden: bool = Fals
         return "command line (--price-in/--price-out)"
     if table is None:
         return "unknown"
-    where = table.source.name if table.source is not None else "pricing table"
-    return f"{where}, taken on {table.taken_on}"
+    return f"{pricing_label(table)}, taken on {table.taken_on}"
 
 
 def build_estimate(
@@ -333,19 +333,24 @@ def estimate_for_run(prep: Any) -> CostEstimate:
     """The CLI's `run --dry-run`: `build_estimate` for a prepared run (`pipeline.run.runner.Prepared`).
 
     Reads only prep.index.entries, prep.prompts, prep.price, and from prep.cfg the output folder, the
-    model options, the budget and the price overrides; nothing else of the run's configuration.
+    model options, the budget and the price options (overrides, --pricing); nothing else of the run's
+    configuration.
     """
     cfg = prep.cfg
     prices = cfg.prices
     overridden = any(v is not None for v in (prices.price_in, prices.price_out, prices.price_cached_in))
     if cfg.model.backend == "offline":
         source = "offline backend: free"
+    elif get_preset(cfg.model.provider).free and not overridden:
+        source = f"--provider {cfg.model.provider}: a server of your own, free"
     else:
         try:
-            table: PricingTable | None = load_pricing()
+            table: PricingTable | None = load_run_pricing(prices.pricing_file)
         except ReidPromptError:
             table = None
         source = describe_price_source(table, overridden=overridden)
+        if not overridden and prep.price.known and prep.price.source:
+            source += f"; {prep.price.source}"  # the model's own source: says UNVERIFIED where it is
     return build_estimate(
         prep.index.entries,
         prep.prompts,

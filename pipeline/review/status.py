@@ -12,9 +12,7 @@ A manifest that says "running" is checked: if its process is gone from this mach
 
 from __future__ import annotations
 
-import os
 import socket
-import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +26,7 @@ from rich.text import Text
 from pipeline.review.dashboard import fmt_int, fmt_spent, percent, reasons_text
 from pipeline.errors import InputError, ReidPromptError
 from pipeline.ledger.costs import Spent, open_failures
+from pipeline.ledger.lock import pid_alive
 from pipeline.ledger.manifest import read_manifest
 from pipeline.ledger.outputs import (
     CAPTIONS_ALL,
@@ -57,50 +56,6 @@ def parse_time(value: object) -> datetime | None:
     except ValueError:
         return None
     return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
-
-
-def pid_alive(pid: int) -> bool | None:
-    """Is process `pid` alive on this machine? None when it cannot be told (then the heartbeat decides)."""
-    if not isinstance(pid, int) or pid <= 0:
-        return None
-    if sys.platform == "win32":
-        return _pid_alive_windows(pid)
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only, nothing is sent
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    except OSError:
-        return None
-    return True
-
-
-def _pid_alive_windows(pid: int) -> bool | None:
-    """OpenProcess + GetExitCodeProcess: os.kill(pid, 0) on Windows would terminate the process."""
-    try:
-        import ctypes
-
-        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
-        process_query_limited_information = 0x1000
-        still_active = 259
-        error_access_denied = 5
-        error_invalid_parameter = 87  # what OpenProcess says for a pid that does not exist
-        handle = kernel32.OpenProcess(process_query_limited_information, False, pid)
-        if not handle:
-            err = ctypes.get_last_error()
-            if err == error_invalid_parameter:
-                return False
-            return True if err == error_access_denied else None
-        try:
-            code = ctypes.c_ulong()
-            if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
-                return None
-            return code.value == still_active
-        finally:
-            kernel32.CloseHandle(handle)
-    except Exception:  # noqa: BLE001 - any failure here only means "cannot tell"
-        return None
 
 
 def ago(seconds: float | None) -> str:
@@ -260,7 +215,7 @@ def _index_images(manifest: dict[str, Any], out_dir: Path, warnings: list[str]) 
     try:
         from pipeline.data.index import load_index
 
-        loaded = load_index(_resolve_index_path(raw, out_dir), follow_symlinks=True)
+        loaded = load_index(_resolve_index_path(raw, out_dir), follow_symlinks=True, require_files=False)
     except (ReidPromptError, OSError, ValueError, ImportError) as exc:
         warnings.append(f"index {raw} not readable ({_one_line(exc)}); totals from {MANIFEST}")
         return None

@@ -26,9 +26,9 @@ import os
 import random
 import sys
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
@@ -42,15 +42,24 @@ from pipeline.data.index import LoadedIndex, load_index
 from pipeline.run.limits import RateLimiter
 from pipeline.ledger.manifest import now_iso
 from pipeline.ledger.costs import budget_refusal, new_run_id, price_warning, retried_reason
-from pipeline.providers.pricing import ModelPrice, cost_usd, load_pricing, resolve_price, row_cost
+from pipeline.providers.pricing import (
+    ModelPrice,
+    cost_usd,
+    load_run_pricing,
+    pricing_label,
+    resolve_price,
+    row_cost,
+)
 from pipeline.data.prompts import billed_text, load_prompts, render_prompt
 from pipeline.records import AttributeRow, CaptionRow, ErrorRow, IndexEntry, Prompt, Usage
 from pipeline.run.retry import RetryPolicy, decide
 from pipeline.run.stats import RunStats, Snapshot
 from pipeline.providers.tokens import estimate_request
+from pipeline.providers.presets import get_preset, preset_prices, resolve_key
 from pipeline.run.control import Controller, signal_handlers, watch_until
 from pipeline.run.outage import DEFAULT_BASE_URL, OutagePolicy, OutageTracker, cannot_reach_message, watch_outages
 from pipeline.run.dispatch import Dispatcher, Job, count_work, plan_jobs
+from pipeline.run.sample import describe_subset, select_entries
 from pipeline.ledger.inputs import Change, Inputs, check_inputs, current_inputs, fingerprint_file, folder_has_rows
 from pipeline.ledger.lock import FolderLock
 from pipeline.ledger.manifest import read_manifest
@@ -331,14 +340,22 @@ def wait_outage(ctx: Context, job: Job, why: str) -> list[Result]:
 def _fatal_message(kind: ErrorKind, message: str, cfg: RunConfig) -> str:
     where = cfg.model.base_url or "the OpenAI API"
     if kind is ErrorKind.AUTH:
-        return f"the API key was rejected by {where} (401): check OPENAI_API_KEY"
+        return f"the API key was rejected by {where} ({message}): check {key_hint(cfg)}"
     if kind is ErrorKind.PERMISSION:
-        return f"{where} refused access (403): {message}"
+        return f"{where} refused access ({message})"
     if kind is ErrorKind.NOT_FOUND:
         return f"model {cfg.model.model!r} is not available at {where} (404): check --model"
     if kind is ErrorKind.QUOTA:
-        return f"{where} says the account is out of quota (429 insufficient_quota): add credit or change key"
+        return f"{where} says the account is out of quota or credit ({message}): add credit or change key"
     return message
+
+
+def key_hint(cfg: RunConfig) -> str:
+    """Which variable to check after a rejected key: the provider's, and OPENAI_API_KEY if that stood in."""
+    preset_var = get_preset(cfg.model.provider).key_env or "OPENAI_API_KEY"
+    if preset_var == "OPENAI_API_KEY" or os.environ.get(preset_var, "").strip():
+        return preset_var
+    return f"{preset_var} (OPENAI_API_KEY was sent in its place)"
 
 
 def handle_reply(ctx: Context, job: Job, prompt_text: str, reply: ModelReply) -> list[Result]:
@@ -437,6 +454,8 @@ class Prepared:
     inputs: Inputs | None = None
     accepted_changes: list[Change] = field(default_factory=list)  # --allow-changes
     previous_manifest: dict | None = None
+    subset_note: str | None = None  # --limit / --sample: which images, said at the start
+    index_size: int = 0  # images in the whole index (index.entries holds the subset)
 
     def release(self) -> None:
         if self.lock is not None:
@@ -455,18 +474,15 @@ class RunResult:
 
 
 def resolve_api_key(cfg: RunConfig) -> str | None:
+    """The key of the run's provider (`presets.resolve_key`: its variable, else OPENAI_API_KEY; a local
+    server needs none). A missing or unusable key is one line naming the variable, never the key."""
     if cfg.model.backend != "openai":
         return None
-    key = cfg.api_key if cfg.api_key is not None else os.environ.get("OPENAI_API_KEY")
-    if not key or not key.strip():
-        raise ConfigError(
-            "OPENAI_API_KEY is not set: export your key (or use --backend offline to rehearse without one)"
-        )
-    key = key.strip()
-    problem = key_problem(key)
+    resolved = resolve_key(cfg.model.provider, os.environ, cfg.api_key)
+    problem = key_problem(resolved.key)
     if problem:
-        raise ConfigError(f"OPENAI_API_KEY {problem}: copy the key again (the key itself is not shown)")
-    return key
+        raise ConfigError(f"{resolved.variable} {problem}: copy the key again (the key itself is not shown)")
+    return resolved.key
 
 
 def key_problem(key: str) -> str | None:
@@ -496,17 +512,22 @@ def prepare(cfg: RunConfig, *, readonly: bool = False) -> Prepared:
     prompts = load_prompts(cfg.prompt_files, cfg.prompts_dir)
     if cfg.model.backend == "offline" and any(p.schema is not None for p in prompts):
         raise ConfigError("the offline backend cannot answer structured (JSON schema) prompts")
-    index = load_index(cfg.index, cfg.root, follow_symlinks=cfg.follow_symlinks)
-    table = load_pricing()
+    whole = load_index(cfg.index, cfg.root, follow_symlinks=cfg.follow_symlinks)
+    # --limit / --sample: a choice of images that keep their index positions (parts, resume: the index's)
+    index = replace(whole, entries=select_entries(whole.entries, cfg.subset))
+    subset_note = describe_subset(cfg.subset, index.entries, len(whole.entries))
+    table = load_run_pricing(cfg.prices.pricing_file)
     if cfg.model.backend == "offline":
         price = resolve_price(table, cfg.model.model, 0.0, 0.0, 0.0)
     else:
-        price = resolve_price(
-            table, cfg.model.model, cfg.prices.price_in, cfg.prices.price_out, cfg.prices.price_cached_in
+        # a local server's preset (vllm, ollama, lmstudio) costs 0 unless --price-* says otherwise
+        price_in, price_out, price_cached_in = preset_prices(
+            cfg.model.provider, cfg.prices.price_in, cfg.prices.price_out, cfg.prices.price_cached_in
         )
+        price = resolve_price(table, cfg.model.model, price_in, price_out, price_cached_in)
     if cfg.limits.max_cost is not None and not price.known:
         # a budget cannot be kept at an unknown price: refused before anything is sent (exit 2)
-        raise ConfigError(budget_refusal(cfg.model.model, _pricing_name(table)))
+        raise ConfigError(budget_refusal(cfg.model.model, pricing_label(table)))
     lock = None if readonly else FolderLock(cfg.out)
     if lock is not None:
         lock.acquire()
@@ -517,12 +538,13 @@ def prepare(cfg: RunConfig, *, readonly: bool = False) -> Prepared:
             previous, inputs, has_rows=folder_has_rows(cfg.out, output_csv_names(cfg.out)),
             allow_changes=cfg.allow_changes, out_dir=cfg.out,
         )
-        positions = {e.image_id: e.position for e in index.entries}
+        positions = {e.image_id: e.position for e in whole.entries}
         attr_fields: list[str] = []
         for p in prompts:
             if p.schema is not None:
                 attr_fields += [f for f in field_names(p.schema) if f not in attr_fields]
-        writer = OutputWriter(cfg.out, cfg.batch_size, positions, attr_fields)
+        writer = OutputWriter(cfg.out, cfg.batch_size, positions, attr_fields,
+                              excel=cfg.excel, recorded_bom=(previous or {}).get("csv_bom"))
         resume = writer.read_done() if readonly else writer.open(previous_batch_size=previous_batch_size(previous))
         resume.repaired[:0] = check.notes
         total, skipped = count_work(index.entries, prompts, cfg.model.captions_per_image, resume.done)
@@ -531,7 +553,8 @@ def prepare(cfg: RunConfig, *, readonly: bool = False) -> Prepared:
             lock.release()
         raise
     return Prepared(cfg, index, prompts, writer, resume, price, total, skipped, api_key,
-                    lock=lock, inputs=inputs, accepted_changes=check.accepted, previous_manifest=previous)
+                    lock=lock, inputs=inputs, accepted_changes=check.accepted, previous_manifest=previous,
+                    subset_note=subset_note, index_size=len(whole.entries))
 
 
 def previous_batch_size(manifest: dict | None) -> int | None:
@@ -567,6 +590,7 @@ def make_backend(cfg: RunConfig, api_key: str | None) -> Backend:
         timeout=cfg.model.timeout,
         max_connections=cfg.limits.concurrency + 8,
         transport=cfg.model.http_client,
+        azure_api_version=cfg.model.api_version if get_preset(cfg.model.provider).azure else None,
     )
 
 
@@ -724,16 +748,22 @@ def worker_count(concurrency: int, items_left: int) -> int:
     return max(1, min(concurrency, MAX_WORKERS, items_left))
 
 
-def _pricing_name(table) -> str:
-    """config/pricing.toml as the user knows it (the file's folder and name)."""
-    source = getattr(table, "source", None)
-    return f"{source.parent.name}/{source.name}" if source is not None else "config/pricing.toml"
-
-
 def start_warnings(prep: Prepared) -> list[str]:
     """One-line warnings a run starts with (printed before the first request)."""
     warning = price_warning(prep.price.model, prep.price.known)
-    return [warning] if warning else []
+    return [w for w in (warning, region_price_warning(prep.cfg, prep.price), prep.writer.encoding.note) if w]
+
+
+def region_price_warning(cfg: RunConfig, price: ModelPrice) -> str | None:
+    """DashScope's China region bills in CNY at its own rates; the pricing file holds the international
+    USD list. Said once at the start unless the user gave prices."""
+    prices = cfg.prices
+    if cfg.model.provider != "dashscope" or not price.known or any(
+        v is not None for v in (prices.price_in, prices.price_out, prices.price_cached_in)
+    ):
+        return None
+    return (f"costs of {price.model} are DashScope's international (USD) prices; the China region bills "
+            "in CNY at its own rates: pass --price-in/--price-out in USD to count what you pay")
 
 
 def describe_run(prep: Prepared) -> dict[str, Any]:
@@ -743,7 +773,7 @@ def describe_run(prep: Prepared) -> dict[str, Any]:
         "index": str(Path(cfg.index).resolve()),
         "root": str(prep.index.root),
         "dataset": prep.index.dataset,
-        "index_images": len(prep.index.entries),
+        "index_images": len(prep.index.entries),  # with --limit/--sample: the subset (see "subset")
         "work_items_total": prep.total,
         "out": str(Path(cfg.out).resolve()),
         "inputs": prep.inputs.to_dict() if prep.inputs is not None else None,
@@ -751,8 +781,10 @@ def describe_run(prep: Prepared) -> dict[str, Any]:
             {"name": p.name, "path": str(p.path) if p.path else None, "sha256": p.fingerprint} for p in prep.prompts
         ],
         "backend": cfg.model.backend,
+        "provider": cfg.model.provider,  # its key variable may be named, the key never
         "model": cfg.model.model,
         "base_url": cfg.model.base_url,
+        "api_version": cfg.model.api_version,
         "detail": cfg.model.detail,
         "max_tokens": cfg.model.max_tokens,
         "temperature": cfg.model.temperature,
@@ -764,15 +796,33 @@ def describe_run(prep: Prepared) -> dict[str, Any]:
         "max_cost": cfg.limits.max_cost,
         "max_attempts": cfg.limits.max_attempts,
         "price": {"model": prep.price.model, "input": prep.price.input, "output": prep.price.output,
-                  "cached_input": prep.price.cached_input, "known": prep.price.known},
+                  "cached_input": prep.price.cached_input, "known": prep.price.known,
+                  "source": prep.price.source, "taken_on": prep.price.taken_on},
         "repaired": prep.resume.repaired,
+        "subset": _subset_record(prep),
+        "csv_bom": prep.writer.bom,  # the folder's CSV encoding: kept by every later run (--excel or not)
     }
 
 
-def run(cfg: RunConfig, *, views: ViewFactory | None = None) -> RunResult:
-    """Check everything, then run the pipeline on a fresh event loop."""
+def _subset_record(prep: Prepared) -> dict[str, Any] | None:
+    """--limit / --sample in the manifest: what was asked and how many of the index's images it chose."""
+    sub = prep.cfg.subset
+    if sub.limit is None and sub.sample is None:
+        return None
+    return {"limit": sub.limit, "sample": sub.sample, "seed": sub.seed if sub.sample is not None else None,
+            "images": len(prep.index.entries), "index_images": prep.index_size}
+
+
+def run(cfg: RunConfig, *, views: ViewFactory | None = None, notes: Sequence[str] = ()) -> RunResult:
+    """Check everything, then run the pipeline on a fresh event loop.
+
+    `notes`: the caller's start lines (e.g. the default prompt used), printed once the checks passed, so
+    a run refused for bad input says only why.
+    """
     prep = prepare(cfg)
     try:
+        for note in [*notes, *([prep.subset_note] if prep.subset_note else [])]:
+            print(f"note: {note}", file=sys.stderr)
         for warning in start_warnings(prep):
             print(f"warning: {warning}", file=sys.stderr)
         return anyio.run(lambda: run_prepared(prep, views=views))

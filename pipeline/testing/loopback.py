@@ -66,6 +66,10 @@ __all__ = [
     "image_tokens",
     "message_overhead",
     "format_go_duration",
+    "qwen_image_tokens",
+    "gemini_image_tokens",
+    "shape_error",
+    "ERROR_SHAPES",
     "DEFAULT_MODELS",
     "DEFAULT_API_KEY",
     "REFUSAL_TEXT",
@@ -160,7 +164,51 @@ _PATCH_MODELS: dict[str, float] = {
 }
 
 
+def qwen_image_tokens(width: int, height: int, factor: int = 28, max_tokens: int = 1280) -> int:
+    """Qwen-VL's bill for one image, written here independently of the pipeline's estimate (so a test
+    compares two implementations): qwen_vl_utils' smart_resize, then one token per factor x factor patch
+    plus 2 (DashScope's documented rule; min 4 patches, max `max_tokens`)."""
+    min_pixels, max_pixels = 4 * factor * factor, max_tokens * factor * factor
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return (h_bar // factor) * (w_bar // factor) + 2
+
+
+def gemini_image_tokens(width: int, height: int) -> int:
+    """Gemini 2.x's bill for one image: 258 if both sides <= 384 px, else 258 per tile of side
+    min(w, h) / 1.5 kept within 256..768 px (Google's published rule)."""
+    if width <= 384 and height <= 384:
+        return 258
+    unit = min(max(min(width, height) / 1.5, 256.0), 768.0)
+    return 258 * math.ceil(width / unit - 1e-9) * math.ceil(height / unit - 1e-9)
+
+
+# Model-name prefixes billed by another family's rule: (factor, max patches) for Qwen-VL.
+_QWEN_MODELS: dict[str, tuple[int, int]] = {
+    "qwen-vl-": (28, 1280),
+    "qwen2-vl-": (28, 1280),
+    "qwen2.5-vl-": (28, 1280),
+    "qwen3-vl-": (32, 2560),
+    "qwen-vl-plus-2025-08-15": (32, 2560),
+    "qwen-vl-plus-2025-07-10": (32, 2560),
+    "qwen-vl-max-2025-08-13": (32, 2560),
+}
+
+
 def _lookup_rule(model: str) -> tuple[str, Any]:
+    qwen = [p for p in _QWEN_MODELS if model.startswith(p)]
+    if qwen:
+        return "qwen", _QWEN_MODELS[max(qwen, key=len)]
+    if model.startswith("gemini-"):
+        return "gemini", None
     best: tuple[int, str, Any] = (-1, "tile", (85, 170))  # unknown models: gpt-4o rule
     for prefix, rule in _TILE_MODELS.items():
         if model.startswith(prefix) and len(prefix) > best[0]:
@@ -177,10 +225,16 @@ def image_tokens(model: str, width: int, height: int, detail: str | None = "auto
     Tile models: low = base; high/auto = base + per_tile * tiles, after fitting into
     2048x2048 and scaling the short side down to 768 (never up), 512-px tiles.
     Patch models: ceil(w/32)*ceil(h/32) patches (scaled down to at most 1536) * multiplier;
-    ``detail`` has no effect.  Unknown models use the gpt-4o rule.
+    ``detail`` has no effect.  Qwen-VL models (qwen-vl-*, qwen2.5-vl-*, qwen3-vl-*) and Gemini models
+    (gemini-*) are billed by their own providers' rules (``qwen_image_tokens``, ``gemini_image_tokens``).
+    Unknown models use the gpt-4o rule.
     """
     kind, rule = _lookup_rule(model)
     w, h = max(1, int(width)), max(1, int(height))
+    if kind == "qwen":
+        return qwen_image_tokens(w, h, *rule)
+    if kind == "gemini":
+        return gemini_image_tokens(w, h)
     if kind == "patch":
         patches = math.ceil(w / 32) * math.ceil(h / 32)
         if patches > 1536:
@@ -396,6 +450,10 @@ class LoopbackConfig:
     p_invalid_json: float = 0.0  # only for response_format json_schema / json_object
     invalid_json_mode: str = "object"  # "object" (non-conforming object), "truncated", "mixed"
     fail_first_attempts: int = 0  # every (digest, prompt) gets 500 on its first k served attempts
+    # How error bodies are shaped (every 4xx/5xx): "openai" {"error": {...}}, "dashscope" {"code",
+    # "message", "request_id"}, "gemini" [{"error": {"code", "message", "status"}}], "detail"
+    # {"detail": msg} (FastAPI, transformers serve), "message" {"message": msg}, "text" (plain text).
+    error_shape: str = "openai"
     storms: list[tuple[int, float]] = field(default_factory=list)  # (after N requests, seconds) of 429s
 
 
@@ -421,6 +479,7 @@ class LoopbackStats:
         self.max_in_flight = 0
         self.prompt_tokens = 0  # summed over 200 answers
         self.completion_tokens = 0
+        self.azure_requests: list[tuple[str, str | None]] = []  # (path, api-version) of Azure-style requests
 
     def reset(self) -> None:
         with self._lock:
@@ -517,6 +576,33 @@ class _Bucket:
 
 def _err(message: str, type_: str, code: str | None, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+_GOOGLE_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                  429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}
+ERROR_SHAPES = ("openai", "dashscope", "gemini", "detail", "message", "text")
+
+
+def shape_error(status: int, body: Any, shape: str) -> tuple[bytes, str]:
+    """An OpenAI-shaped error `body` re-shaped the way another server sends it: (bytes, content type)."""
+    err = body.get("error") if isinstance(body, dict) else None
+    if shape == "openai" or not isinstance(err, dict):
+        return json.dumps(body, ensure_ascii=False).encode(), "application/json"
+    message = str(err.get("message") or "")
+    code = err.get("code") or err.get("type")
+    if shape == "dashscope":
+        out: Any = {"code": code, "message": message, "request_id": "loopback-00000000-0000"}
+    elif shape == "gemini":
+        out = [{"error": {"code": status, "message": message, "status": _GOOGLE_STATUS.get(status, "UNKNOWN")}}]
+    elif shape == "detail":
+        out = {"detail": message}
+    elif shape == "message":
+        out = {"message": message}
+    elif shape == "text":
+        return message.encode(), "text/plain"
+    else:
+        raise ValueError(f"unknown error_shape {shape!r}: one of {', '.join(ERROR_SHAPES)}")
+    return json.dumps(out, ensure_ascii=False).encode(), "application/json"
 
 
 def _mask_key(key: str) -> str:
@@ -692,6 +778,9 @@ class LoopbackServer:
         app.router.add_post("/v1/chat/completions", self._handle_chat)
         app.router.add_get("/v1/models", self._handle_models)
         app.router.add_get("/v1/models/{model}", self._handle_model)
+        # Azure OpenAI's paths: the deployment in the path is the model; ?api-version= is required.
+        app.router.add_post("/openai/deployments/{deployment}/chat/completions", self._handle_chat)
+        app.router.add_get("/openai/models", self._handle_models)
         return app
 
     async def _startup(self) -> None:
@@ -728,6 +817,9 @@ class LoopbackServer:
 
     # -- request helpers -------------------------------------------------------
     def _json(self, status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
+        if status >= 400 and self.config.error_shape != "openai":
+            data, content_type = shape_error(status, body, self.config.error_shape)
+            return web.Response(status=status, body=data, content_type=content_type, headers=headers)
         return web.Response(
             status=status,
             body=json.dumps(body, ensure_ascii=False).encode(),
@@ -740,6 +832,8 @@ class LoopbackServer:
         if key is None:
             return None
         auth = request.headers.get("Authorization", "")
+        if not auth and request.headers.get("api-key"):  # Azure OpenAI's header
+            auth = "Bearer " + request.headers["api-key"]
         if not auth:
             return self._json(
                 401,
@@ -977,6 +1071,14 @@ class LoopbackServer:
                 ),
             )
         model = body.get("model")
+        deployment = request.match_info.get("deployment")
+        if deployment is not None:  # Azure: the path names the deployment; the body's model is ignored
+            with st._lock:
+                st.azure_requests.append((request.path, request.query.get("api-version")))
+            if not request.query.get("api-version"):
+                self._count("404")
+                return self._json(404, _err("Resource not found", "invalid_request_error", "404"))
+            model = deployment
         if not isinstance(model, str) or not model:
             self._count("400")
             return self._json(400, _err("you must provide a model parameter", "invalid_request_error", None, "model"))

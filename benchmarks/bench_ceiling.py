@@ -34,7 +34,7 @@ CLIENTS = ("pipeline", "pipeline-httpx", "bare-httpx", "bare-aiohttp")
 def run_client(client: str, index: Path, out: Path, conc: int, a) -> dict:
     with common.Loopback("--latency", a.latency) as srv:
         if client.startswith("pipeline"):
-            extra = ["--http-client", "httpx"] if client == "pipeline-httpx" else []
+            extra = ["--fixed-concurrency"] + (["--http-client", "httpx"] if client == "pipeline-httpx" else [])
             run = common.run_pipeline(index, out, srv.url, concurrency=conc, extra=extra, timeout_s=a.run_timeout)
             proc, done = run.proc, int(run.counts.get("captioned_this_run") or 0)
         else:

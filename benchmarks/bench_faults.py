@@ -45,7 +45,8 @@ def main(argv=None) -> int:
         for name, server_extra in (("clean", []), ("faults", faults)):
             with common.Loopback("--latency", a.latency, "--stats-timestamps", *server_extra) as srv:
                 run = common.run_pipeline(index, work / f"out-{name}", srv.url, concurrency=a.concurrency,
-                                          extra=["--timeout", a.timeout], timeout_s=a.run_timeout)
+                                          extra=["--timeout", a.timeout, "--fixed-concurrency"],
+                                          timeout_s=a.run_timeout)
             st = srv.stats
             span = common.server_span(st)
             check = common.outcome_check(run.out, paths)

@@ -52,7 +52,7 @@ def pipeline_peak(paths, work: Path, tag: str, a) -> tuple[common.PipelineRun, d
     index = common.write_index(paths, work / tag)
     with common.Loopback("--latency", a.latency) as srv:
         run = common.run_pipeline(index, work / tag / "out", srv.url, concurrency=a.concurrency,
-                                  timeout_s=a.run_timeout)
+                                  extra=["--fixed-concurrency"], timeout_s=a.run_timeout)
     return run, srv.stats
 
 

@@ -35,7 +35,7 @@ def main(argv=None) -> int:
         for rep in range(max(1, a.repeat)):
             with common.Loopback("--latency", a.latency) as srv:
                 run = common.run_pipeline(index, work / f"out-{rep}", srv.url, concurrency=a.concurrency,
-                                          timeout_s=a.run_timeout)
+                                          extra=["--fixed-concurrency"], timeout_s=a.run_timeout)
             done = int(run.counts.get("captioned_this_run") or 0)
             pipe = {"rate": common.server_rate(srv.stats), "wall": run.proc.wall_s, "done": done,
                     "requests": srv.stats["requests"], "cpu": run.proc.cpu_s}

@@ -392,10 +392,14 @@ def outcome_check(out: Path, index_paths: Sequence[Path]) -> dict[str, int]:
 
     from pipeline.ledger.outputs import CAPTION_COLUMNS, CAPTIONS_ALL, ERROR_COLUMNS, ERRORS, read_table
 
+    from pipeline.ledger.costs import is_failure
+
     caps = read_table(out / CAPTIONS_ALL, expect_columns=CAPTION_COLUMNS)
     errs = read_table(out / ERRORS, expect_columns=ERROR_COLUMNS)
     c_ids = Counter(r["image_id"] for r in caps.rows)
-    e_ids = Counter(r["image_id"] for r in errs.rows)
+    # errors.csv also holds the bills of answers that were no caption and got another try
+    # (`refused_retried`): those are not failures of the item
+    e_ids = Counter(r["image_id"] for r in errs.rows if is_failure(r.get("reason", "")))
     ids = set(c_ids) | set(e_ids)
     return {
         "images": len(index_paths),

@@ -1,4 +1,4 @@
-"""Command line: `python -m pipeline {prepare,run,status,export,report} ...`.
+"""Command line: `python -m pipeline {prepare,run,status,export,report,probe} ...`.
 
 This is the only place errors become text and exit codes: a `ReidPromptError` prints one line
 `error: ...` on stderr and exits non-zero; nothing below prints tracebacks at a user.
@@ -205,6 +205,8 @@ def build_parser(prog: str = "python -m pipeline") -> argparse.ArgumentParser:
                    help="seconds the server may stay unreachable mid-run (the pool waits and probes) "
                         "before the run stops with exit 3 (default 300)")
     r.add_argument("--http-client", choices=["aiohttp", "httpx"], default="aiohttp", help=argparse.SUPPRESS)
+    # --concurrency as a fixed pool even for a server without rate-limit headers (benchmarks sweep with it)
+    r.add_argument("--fixed-concurrency", action="store_true", help=argparse.SUPPRESS)
 
     s = sub.add_parser("status", help="how far a run's output folder is, from its files alone")
     s.add_argument("--out", required=True, type=Path)
@@ -220,6 +222,28 @@ def build_parser(prog: str = "python -m pipeline") -> argparse.ArgumentParser:
     q = sub.add_parser("report", help="caption quality report")
     q.add_argument("--out", required=True, type=Path)
     q.add_argument("--save", type=Path, default=None, help="JSON file (default: <out>/report.json)")
+
+    pr = sub.add_parser("probe", help="find out what an OpenAI-compatible server does (a few tiny requests)",
+                        description="Send a few tiny requests (a 32x64 image, a few output tokens; at most 40 "
+                                    "requests) and say what the server does: image types, n, response_format, "
+                                    "detail, usage, rate-limit headers, the length parameter, and latency at "
+                                    "concurrency 1, 2, 4, 8 with the concurrency worth running at. The endpoint "
+                                    "and key are resolved as `run` resolves them.",
+                        epilog=EXIT_CODES_HELP)
+    pr.add_argument("--base-url", default=None, help="OpenAI-compatible server URL (default: the provider's, "
+                                                     "else $OPENAI_BASE_URL, else OpenAI)")
+    pr.add_argument("--model", default=None, help="model name as the server names it (default: the provider's)")
+    pr.add_argument("--provider", choices=provider_names(), default=DEFAULT_PROVIDER,
+                    help="whose API: endpoint and key variable, as for `run` (default openai)")
+    pr.add_argument("--api-version", default=None, help="Azure OpenAI api-version")
+    pr.add_argument("--timeout", type=_positive_float, default=30.0, help="seconds per request (default 30)")
+    pr.add_argument("--budget", type=_positive_float, default=120.0, metavar="S",
+                    help="seconds the probe may take; latency levels not started by then are skipped (default 120)")
+    pr.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    pr.add_argument("--save", type=Path, default=None, metavar="FILE",
+                    help="also write the JSON to FILE (e.g. <out>/probe.json: `run --dry-run` on that folder "
+                         "then counts requests as this server needs them)")
+    pr.add_argument("--http-client", choices=["aiohttp", "httpx"], default="aiohttp", help=argparse.SUPPRESS)
     return parser
 
 
@@ -271,6 +295,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
             hold_retry_s=a.hold_retry,
             hold_final_s=a.hold_final,
             outage_timeout=a.outage_timeout,
+            adaptive=not a.fixed_concurrency,
         ),
         prices=PriceConfig(price_in=a.price_in, price_cached_in=a.price_cached_in, price_out=a.price_out,
                            pricing_file=a.pricing_file),
@@ -387,12 +412,38 @@ def cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(a: argparse.Namespace) -> int:
+    import json
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    from pipeline.review.probe_table import render_probe
+    from pipeline.run.probe import probe_options, run_probe
+
+    opts = probe_options(a.provider, a.base_url, a.model, a.api_version, os.environ, timeout=a.timeout,
+                         budget_s=a.budget)
+    report = run_probe(replace(opts, http_client=a.http_client)).to_dict()
+    text = json.dumps(report, indent=2, ensure_ascii=False)
+    if a.save is not None:
+        a.save.parent.mkdir(parents=True, exist_ok=True)
+        a.save.write_text(text + "\n", encoding="utf-8")
+    if a.json:
+        print(text)
+    else:
+        render_probe(report, Console())
+        if a.save is not None:
+            print(f"saved {a.save}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "prepare": cmd_prepare,
     "run": cmd_run,
     "status": cmd_status,
     "export": cmd_export,
     "report": cmd_report,
+    "probe": cmd_probe,
 }
 
 

@@ -37,6 +37,7 @@ class LimitConfig:
     hold_retry_s: float = 3.0  # an output file cannot be written: seconds between retries
     hold_final_s: float = 30.0  # ... and once the run has ended: how long to retry before the pending file
     outage_timeout: float = 300.0  # seconds the server may stay unreachable mid-run before the run stops
+    adaptive: bool = True  # without --rpm/--tpm or rate-limit headers, --concurrency is a ceiling (run.adaptive)
 
 
 @dataclass

@@ -45,7 +45,7 @@ from pipeline.data.index import load_index
 from pipeline.ledger.manifest import read_manifest
 from pipeline.ledger.outputs import ATTRIBUTE_META_COLUMNS, CAPTIONS_ALL, MANIFEST, read_attributes, read_captions
 from pipeline.records import CaptionRow, IndexEntry
-from pipeline.providers.refusals import is_empty, looks_like_refusal
+from pipeline.providers.refusals import clean_text, is_empty, looks_like_refusal
 
 EXPORT_FORMATS = ("cuhk-pedes", "icfg-pedes", "rstpreid", "jsonl")
 # The file names the training code opens (IRRA: <dataset>/<name>); the default export path is
@@ -100,8 +100,9 @@ def usable_caption(text: str | None) -> bool:
 
 
 def clean_caption(text: str) -> str:
-    """One line, single spaces: annotation files hold one-line captions."""
-    return " ".join(text.split())
+    """One line, single spaces, no control characters (rows from older runs may hold some): annotation
+    files hold one-line captions."""
+    return " ".join(clean_text(text).split())
 
 
 def tokenize(text: str) -> list[str]:

@@ -262,11 +262,12 @@ def test_estimate_for_run_reads_only_what_it_needs(tmp_path: Path) -> None:
     cfg = SimpleNamespace(  # a stand-in for RunConfig: no api_key attribute to read
         out=tmp_path / "out",
         model=SimpleNamespace(backend="openai", provider="openai", detail="low", max_tokens=300,
-                              captions_per_image=2),
+                              captions_per_image=2, model="gpt-4o-mini", base_url=None),
         limits=SimpleNamespace(max_cost=None),
         prices=SimpleNamespace(price_in=None, price_out=None, price_cached_in=None, pricing_file=None),
     )
-    prep = SimpleNamespace(cfg=cfg, index=SimpleNamespace(entries=entries), prompts=[Prompt("base", PROMPT)], price=MINI)
+    prep = SimpleNamespace(cfg=cfg, index=SimpleNamespace(entries=entries), prompts=[Prompt("base", PROMPT)], price=MINI,
+                           previous_manifest=None)
     e = estimate_for_run(prep)
     assert (e.requests, e.items_left, e.image_tokens) == (1, 2, 2833)
     assert e.price_source and "taken on" in e.price_source

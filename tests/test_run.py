@@ -312,7 +312,8 @@ def test_sigterm_is_gentle_and_a_second_ctrl_c_is_immediate(cli, server, api_env
     server.configure(latency=0.5 if how == "sigterm" else 5.0)
     out = tmp_path / "out"
     proc = spawn("run", "--index", index, "--out", out, "--prompt-file", prompt_file, "--no-dashboard",
-                 "--concurrency", 8, "--grace", 30, base_url=server.base_url)
+                 "--concurrency", 8, "--grace", 30, "--fixed-concurrency",  # 8 in flight at once, not grown to
+                 base_url=server.base_url)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and server.stats.in_flight < 8:
         time.sleep(0.02)

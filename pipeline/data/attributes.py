@@ -20,6 +20,7 @@ from typing import Any
 
 from pipeline.errors import ImageError, PromptError
 from pipeline.ledger.outputs import ATTRIBUTE_META_COLUMNS
+from pipeline.providers.refusals import clean_text
 from pipeline.records import Prompt
 
 SUPPORTED_TYPES = ("object", "string", "boolean", "integer", "number", "array", "null")
@@ -135,6 +136,17 @@ def validate_answer(text: str, schema: dict) -> dict:
         more = len(problems) - _MAX_DETAIL_PROBLEMS
         detail = "; ".join(problems[:_MAX_DETAIL_PROBLEMS]) + (f"; and {more} more" if more > 0 else "")
         raise AttributeValidationError("schema_mismatch", detail)
+    return _clean_strings(value)
+
+
+def _clean_strings(value: Any) -> Any:
+    """Control characters escaped inside JSON strings ("\\u0000") never reach attributes.csv either."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, dict):
+        return {k: _clean_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean_strings(v) for v in value]
     return value
 
 

@@ -56,6 +56,8 @@ class ModelRequest:
     temperature: float | None = None
     response_format: dict | None = None  # e.g. strict json_schema for attribute prompts
     reserve_tokens: int | None = None  # what the limiter reserved: tells "request too large" from a 429
+    # turns after the first (image) message: (role, text), e.g. a repair request for a malformed answer
+    follow_up: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,8 +82,10 @@ class APIFailure(Exception):
         headers: Mapping[str, str] | None = None,
         usage: Usage | None = None,
         model: str = "",
+        code: str | None = None,
     ) -> None:
         super().__init__(message)
+        self.code = code  # the error body's machine-readable code, if it had one
         self.kind = kind
         self.message = message
         self.status = status

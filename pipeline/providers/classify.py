@@ -6,12 +6,13 @@ policy and the CLI read only the kind.
 
 from __future__ import annotations
 
+import re
 from typing import Mapping
 
 from pipeline.providers.base import ErrorKind
 from pipeline.providers.headers import exceeds_token_limit
 
-__all__ = ["classify_status"]
+__all__ = ["classify_status", "names_model", "wrong_model"]
 
 
 # Codes are compared lower-cased. Besides OpenAI's: DashScope's "Arrearage" (400: the account is overdue)
@@ -78,3 +79,41 @@ def classify_status(
     if status in (400, 422):
         return ErrorKind.BAD_REQUEST
     return ErrorKind.OTHER
+
+
+# A 400 that names a request parameter we may drop is about that parameter, not about the model, even if the
+# model's name is in it ("json_schema is not supported by model X"): the format fallback handles it.
+_PARAMETER_WORDS = ("response_format", "json_schema", "json_object", "completion choice")
+_NAME_CHARS = r"A-Za-z0-9._:/@-"
+
+
+def names_model(message: str, model: str) -> bool:
+    """Does the server's `message` name `model` as a word of its own (case-insensitive)?
+
+    "Model 'qwen-vl' not found" names qwen-vl; "qwen-vl-plus is not available" does not name qwen-vl
+    (the name must not run on into letters, digits, `_ / @ -`, or `.`/`:` followed by more of a name).
+    Names under 3 characters never
+    count: too likely to match by chance.
+    """
+    name = (model or "").strip()
+    if len(name) < 3 or not message:
+        return False
+    pattern = rf"(?<![{_NAME_CHARS}]){re.escape(name)}(?![A-Za-z0-9_/@-]|[.:][A-Za-z0-9])"
+    return re.search(pattern, message, re.IGNORECASE) is not None
+
+
+def wrong_model(status: int, message: str, model: str | None) -> bool:
+    """A 400/422 that is the server saying the model does not exist (-> NOT_FOUND, the run stops).
+
+    OpenAI, vLLM and Ollama say so with 404 (classified by status); `transformers serve` and some
+    gateways answer 400 with the reason only in words (`{"detail": "..."}`) and no code. There being no
+    code to read, the rule is the model name: a 400 or 422 whose message names the requested model
+    (`names_model`) and names none of the optional parameters the pipeline can drop (`response_format`,
+    `n`: those have fallbacks, see `pipeline.run.fallbacks`).
+    """
+    if status not in (400, 422) or not model:
+        return False
+    lowered = message.lower()
+    if any(word in lowered for word in _PARAMETER_WORDS):
+        return False
+    return names_model(message, model)

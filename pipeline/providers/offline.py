@@ -14,7 +14,8 @@ from collections import Counter
 
 from PIL import Image
 
-from pipeline.providers.base import ModelReply, ModelRequest
+from pipeline.providers.base import APIFailure, ErrorKind, ModelReply, ModelRequest
+from pipeline.providers.refusals import clean_text, is_empty
 from pipeline.records import Usage
 
 # Market-1501 / DukeMTMC-reID colour names with a representative RGB value each.
@@ -101,7 +102,9 @@ class OfflineBackend:
 
     async def caption(self, request: ModelRequest) -> ModelReply:
         t0 = time.perf_counter()
-        text = describe(decode_data_url(request.image.data_url))
+        text = clean_text(describe(decode_data_url(request.image.data_url))).strip()
+        if is_empty(text):  # the same rule as a server's answer: no letters or digits is no caption
+            raise APIFailure(ErrorKind.EMPTY, "no letters or digits in the answer", usage=Usage(), model=self.model)
         return ModelReply(
             texts=[text] * max(1, request.n),
             usage=Usage(),

@@ -40,8 +40,8 @@ except ImportError:  # pragma: no cover - older SDKs
 
 from pipeline.providers.base import APIFailure, ErrorKind, ModelReply, ModelRequest
 from pipeline.records import Usage
-from pipeline.providers.refusals import is_empty, looks_like_refusal
-from pipeline.providers.classify import classify_status
+from pipeline.providers.refusals import clean_text, is_empty, looks_like_refusal
+from pipeline.providers.classify import classify_status, wrong_model
 from pipeline.providers.errorbody import error_code, error_message, error_type, one_line
 
 
@@ -49,7 +49,8 @@ def build_messages(req: ModelRequest) -> list[dict[str, Any]]:
     image_part: dict[str, Any] = {"type": "image_url", "image_url": {"url": req.image.data_url}}
     if req.detail:
         image_part["image_url"]["detail"] = req.detail
-    return [{"role": "user", "content": [{"type": "text", "text": req.prompt_text}, image_part]}]
+    first = {"role": "user", "content": [{"type": "text", "text": req.prompt_text}, image_part]}
+    return [first, *({"role": role, "content": text} for role, text in req.follow_up)]
 
 
 def build_request(req: ModelRequest) -> dict[str, Any]:
@@ -82,12 +83,14 @@ def judge_choice(content: str | None, refusal: str | None, finish_reason: str | 
         return ErrorKind.REFUSED, f"refusal: {refusal.strip()[:200]}"
     if finish_reason == "content_filter":
         return ErrorKind.REFUSED, "finish_reason content_filter"
-    if is_empty(content):
+    if content is None or not content.strip():
         return ErrorKind.EMPTY, f"empty answer (finish_reason {finish_reason})"
-    assert content is not None
-    if looks_like_refusal(content):
-        return ErrorKind.REFUSED, f"apology: {content.strip()[:200]}"
-    return None, content.strip()
+    text = clean_text(content).strip()  # control characters never reach a file
+    if is_empty(text):
+        return ErrorKind.EMPTY, f"no letters or digits in the answer: {content.strip()[:40]!r}"
+    if looks_like_refusal(text):
+        return ErrorKind.REFUSED, f"apology: {text[:200]}"
+    return None, text
 
 
 def parse_completion(
@@ -131,8 +134,15 @@ def redact(text: str, secret: str | None) -> str:
     return text
 
 
-def failure_from_sdk(exc: Exception, secret: str | None, reserve_tokens: int | None = None) -> APIFailure:
-    """Map an SDK exception to a typed APIFailure (by class, status, code and type; never message text)."""
+def failure_from_sdk(
+    exc: Exception, secret: str | None, reserve_tokens: int | None = None, model: str | None = None
+) -> APIFailure:
+    """Map an SDK exception to a typed APIFailure (by class, status, code and type).
+
+    One exception to "never message text": a 400/422 whose words name the requested `model` is an
+    unknown model (NOT_FOUND: the run stops), since servers such as `transformers serve` say so with no
+    code at all (`pipeline.providers.classify.wrong_model`).
+    """
     if isinstance(exc, openai.APIStatusError):
         # exc.body is the decoded answer (its "error" object when there is one), a list (Gemini) or the
         # plain text; each provider's shape is read by pipeline.providers.errorbody.
@@ -143,11 +153,15 @@ def failure_from_sdk(exc: Exception, secret: str | None, reserve_tokens: int | N
         # no words in the body (an empty 502 from a proxy): the status line's reason phrase, "Bad Gateway"
         message = error_message(body) or one_line(getattr(exc.response, "reason_phrase", "") or "") or "no message"
         headers = dict(exc.response.headers) if exc.response is not None else {}
+        kind = classify_status(exc.status_code, code, error_type=etype, headers=headers, reserve_tokens=reserve_tokens)
+        if kind is ErrorKind.BAD_REQUEST and wrong_model(exc.status_code, message, model):
+            kind = ErrorKind.NOT_FOUND
         return APIFailure(
-            classify_status(exc.status_code, code, error_type=etype, headers=headers, reserve_tokens=reserve_tokens),
+            kind,
             redact(f"HTTP {exc.status_code}{f' {code}' if code else ''}: {message}", secret),
             status=exc.status_code,
             headers=headers,
+            code=code,
         )
     if isinstance(exc, (openai.APIConnectionError, _httpx.HTTPError, TimeoutError, OSError)):
         kind, why = transport_failure(exc)
@@ -307,8 +321,23 @@ class OpenAIBackend:
                 response = await self.client.post("/chat/completions", cast_to=_httpx.Response, body=kwargs)
                 content = await response.aread()
         except (openai.OpenAIError, TimeoutError, _httpx.HTTPError) as exc:
-            raise failure_from_sdk(exc, self._key, request.reserve_tokens) from None
+            raise failure_from_sdk(exc, self._key, request.reserve_tokens, request.model) from None
         return parse_completion(decode_body(content), response.headers, time.perf_counter() - t0, request.model)
+
+    async def raw_completion(self, body: Mapping[str, Any]) -> tuple[Mapping[str, Any], dict[str, str], float]:
+        """One chat completion of a body built by the caller, answered as it came: (JSON, headers, seconds).
+
+        For `python -m pipeline probe` (pipeline.run.probe), which needs what `caption` judges away: the
+        number of choices, the raw text, the usage object. Failures are the same typed APIFailure.
+        """
+        t0 = time.perf_counter()
+        try:
+            with anyio.fail_after(self.timeout + 1.0):
+                response = await self.client.post("/chat/completions", cast_to=_httpx.Response, body=dict(body))
+                content = await response.aread()
+        except (openai.OpenAIError, TimeoutError, _httpx.HTTPError) as exc:
+            raise failure_from_sdk(exc, self._key) from None
+        return decode_body(content), dict(response.headers), time.perf_counter() - t0
 
     async def reachable(self) -> bool:
         """True once the server gives any HTTP answer (even 401 or 404) to a GET of `/models`.

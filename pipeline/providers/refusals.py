@@ -6,6 +6,7 @@ Plain function, no I/O: the backend calls it on every answer, the quality report
 from __future__ import annotations
 
 import re
+import unicodedata
 
 # An answer that *starts* like one of these and is short is an apology, not a description.
 _APOLOGY = re.compile(
@@ -28,4 +29,22 @@ def looks_like_refusal(text: str | None) -> bool:
 
 
 def is_empty(text: str | None) -> bool:
-    return text is None or not text.strip()
+    """True when `text` holds no letter and no digit (Unicode categories L* and N*).
+
+    An answer of only punctuation, symbols, control or invisible characters (`…`, `\x00`, U+FFFD, a
+    zero-width space, whitespace) describes nothing: it is `empty`, never a caption, never exported.
+    """
+    if text is None:
+        return True
+    return not any(unicodedata.category(ch)[0] in "LN" for ch in text)
+
+
+def clean_text(text: str) -> str:
+    """`text` as it may be stored: control characters removed, line breaks kept as `\n`.
+
+    Decided: `\r\n` and a lone `\r` become `\n`, a tab becomes a space, every other control character
+    (Unicode Cc: NUL, ESC, BEL, DEL, C1 controls) is dropped, and so are lone surrogates (Cs), which no
+    UTF-8 file can hold. Format characters (Cf: zero-width joiners) stay: some scripts need them.
+    """
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\t", " ")
+    return "".join(ch for ch in text if ch == "\n" or unicodedata.category(ch) not in ("Cc", "Cs"))

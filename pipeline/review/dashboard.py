@@ -186,7 +186,7 @@ def _figure_pairs(snap: Snapshot) -> list[tuple[str, Text]]:
     cost = Text(cost_text(snap))
     if snap.max_cost is not None and snap.spent_folder.usd >= snap.max_cost:
         cost.stylize("bold red")
-    flight = Text(f"{fmt_int(snap.in_flight)} / {fmt_int(snap.concurrency)}")
+    flight = Text(flight_text(snap))
     retries = Text(f"{fmt_int(snap.retries)} retries, {fmt_int(snap.rate_limited)} x 429")
     if snap.paused_s > 0:
         retries.append(f", paused {math.ceil(snap.paused_s)}s", style="bold yellow")
@@ -326,6 +326,13 @@ class LiveView:
         self.stop()
 
 
+def flight_text(snap: Snapshot) -> str:
+    """'3 / 16', or with the adaptive limit of a server without rate-limit headers '3 / limit 5 of 16'."""
+    if snap.concurrency_limit is None:
+        return f"{fmt_int(snap.in_flight)} / {fmt_int(snap.concurrency)}"
+    return f"{fmt_int(snap.in_flight)} / limit {fmt_int(snap.concurrency_limit)} of {fmt_int(snap.concurrency)}"
+
+
 def progress_line(snap: Snapshot) -> str:
     """One plain progress line, for logs and terminals without a dashboard."""
     finished = items_finished(snap)
@@ -338,6 +345,8 @@ def progress_line(snap: Snapshot) -> str:
         cost_text(snap),
         f"ETA {fmt_hms(snap.eta_s)}",
     ]
+    if snap.concurrency_limit is not None:
+        parts.append(f"in flight {flight_text(snap)}")
     if snap.paused_s > 0:
         parts.append(f"paused {math.ceil(snap.paused_s)}s after 429")
     if snap.outage_s is not None:

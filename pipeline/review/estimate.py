@@ -12,6 +12,7 @@ folder is read with `repair=False`, exactly like `status`.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections import Counter
@@ -30,11 +31,14 @@ from pipeline.ledger.costs import Spent
 from pipeline.errors import ReidPromptError
 from pipeline.ledger.outputs import CAPTIONS_ALL, DoneRead, caption_from_dict, read_done
 from pipeline.data.prompts import billed_text, render_prompt
+from pipeline.providers.capabilities import n_unsupported, one_request_per_caption_note
 from pipeline.providers.presets import get_preset
 from pipeline.providers.pricing import ModelPrice, PricingTable, cost_usd, load_run_pricing, pricing_label
 from pipeline.records import IndexEntry, Prompt, Usage
 from pipeline.providers.tokens import DEFAULT_MAX_OUTPUT_TOKENS, MESSAGE_OVERHEAD_TOKENS, image_tokens, text_tokens
 
+MANIFEST_NAME = "manifest.json"
+PROBE_FILE = "probe.json"  # `probe --save <out>/probe.json`: read when the manifest has not learned n
 SAMPLE_SIZE = 2_000  # image headers read at most; above this many requests the figures are scaled
 DEFAULT_OUTPUT_TOKENS = 60  # per caption, when the folder has too few captions to measure
 MIN_ROWS_TO_MEASURE = 20
@@ -91,6 +95,7 @@ class CostEstimate:
     notes: tuple[str, ...] = field(default_factory=tuple)
     spent_usd: float = 0.0  # already spent in the folder: captions, attributes and billed failures
     spent_unknown: int = 0  # billed rows there whose cost is unknown
+    n_verdict: str | None = None  # "ignored" | "rejected": the server does not honour n, one request per caption
 
     @property
     def spent(self) -> Spent:
@@ -260,12 +265,16 @@ def build_estimate(
     seed: int = 0,
     size_of: Callable[[Path], tuple[int, int] | None] = read_image_size,
     done: DoneRead | None = None,
+    n_verdict: str | None = None,
+    n_source: str = "",
 ) -> CostEstimate:
     """Count what is left in `out_dir` for this index and these prompts, read image sizes, and estimate.
 
     Read-only. The work left is the runner's own plan (`plan_jobs`), so the estimate asks for exactly
     the requests a run would send: one per (image, prompt) with the missing caption slots as `n`.
     `done` is the folder as already read, if the caller has it; else it is read here.
+    `n_verdict` ("ignored" | "rejected", learned from the server: `n_source` says where): the run will
+    ask one caption per request, so each missing caption is a request of its own, paying for the image.
     """
     from pipeline.run.dispatch import count_work, plan_jobs
 
@@ -277,6 +286,8 @@ def build_estimate(
     expected, source = measured_output_tokens(out_dir, done) if done is not None else (
         DEFAULT_OUTPUT_TOKENS, f"default (no {CAPTIONS_ALL} yet)")
     jobs: Iterator = plan_jobs(list(entries), list(prompts), captions_per_image, done_keys)
+    if n_verdict is not None:
+        jobs = one_per_caption(jobs)
     sample, requests = reservoir_sample(jobs, sample_size, seed)
     sizes: dict[Path, tuple[int, int] | None] = {}
     items: list[EstimateItem] = []
@@ -308,8 +319,11 @@ def build_estimate(
         notes.append(f"image sizes from a random sample of {fmt_int(est.items_seen)} of {fmt_int(requests)} "
                      f"requests (seed {seed}); token and cost figures scaled")
     notes.append("earlier failures are counted as left: the next run retries them")
-    notes.append("one request per image and prompt, its missing captions asked together (n); "
-                 "one per caption under a {template} prompt")
+    if n_verdict is not None:
+        notes.append(one_request_per_caption_note(n_verdict, n_source or "learned"))
+    else:
+        notes.append("one request per image and prompt, its missing captions asked together (n); "
+                     "one per caption under a {template} prompt")
     if any(p.schema is not None for p in prompts):
         notes.append("structured prompts: one answer per image, schema counted as input text")
     if not price.known:
@@ -326,15 +340,55 @@ def build_estimate(
         notes=tuple(notes),
         spent_usd=done.cost_usd if done is not None else 0.0,
         spent_unknown=done.cost_unknown if done is not None else 0,
+        n_verdict=n_verdict,
     )
+
+
+def one_per_caption(jobs: Iterable[Any]) -> Iterator[Any]:
+    """The plan as a server that does not honour `n` is asked: one job per missing caption slot."""
+    for job in jobs:
+        if len(job.indices) <= 1:
+            yield job
+        else:
+            for i in job.indices:
+                yield replace(job, indices=(i,))
+
+
+def _same_server(recorded: Any, base_url: str | None) -> bool:
+    """Is a recorded base URL (manifest, probe.json) the run's? None stands for OpenAI's default."""
+    from pipeline.run.outage import DEFAULT_BASE_URL
+
+    def norm(url: Any) -> str:
+        return str(url or DEFAULT_BASE_URL).rstrip("/")
+
+    return norm(recorded) == norm(base_url)
+
+
+def learned_n(out_dir: Path, manifest: dict | None, model: str, base_url: str | None) -> tuple[str | None, str]:
+    """What the server does with `n`, as the folder knows it for this model and server: the manifest's
+    `learned` (earlier runs), else a saved `probe --save <out>/probe.json`. (verdict or None, where from)."""
+    if isinstance(manifest, dict) and manifest.get("model") == model and _same_server(manifest.get("base_url"), base_url):
+        verdict = n_unsupported(manifest.get("learned"))
+        if verdict is not None:
+            return verdict, f"learned by an earlier run, {MANIFEST_NAME}"
+    probe_file = Path(out_dir) / PROBE_FILE
+    try:
+        saved = json.loads(probe_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, ""
+    if isinstance(saved, dict) and saved.get("model") == model and _same_server(saved.get("base_url"), base_url):
+        verdict = n_unsupported(saved)
+        if verdict is not None:
+            return verdict, f"found by `probe`, {PROBE_FILE}"
+    return None, ""
 
 
 def estimate_for_run(prep: Any) -> CostEstimate:
     """The CLI's `run --dry-run`: `build_estimate` for a prepared run (`pipeline.run.runner.Prepared`).
 
-    Reads only prep.index.entries, prep.prompts, prep.price, and from prep.cfg the output folder, the
-    model options, the budget and the price options (overrides, --pricing); nothing else of the run's
-    configuration.
+    Reads only prep.index.entries, prep.prompts, prep.price, prep.previous_manifest (what earlier runs
+    learned of the server's `n`), and from prep.cfg the output folder, the model options, the budget and
+    the price options (overrides, --pricing); nothing else of the run's configuration.
     """
     cfg = prep.cfg
     prices = cfg.prices
@@ -351,11 +405,15 @@ def estimate_for_run(prep: Any) -> CostEstimate:
         source = describe_price_source(table, overridden=overridden)
         if not overridden and prep.price.known and prep.price.source:
             source += f"; {prep.price.source}"  # the model's own source: says UNVERIFIED where it is
+    verdict, where = learned_n(Path(cfg.out), prep.previous_manifest, cfg.model.model, cfg.model.base_url) \
+        if cfg.model.backend == "openai" else (None, "")
     return build_estimate(
         prep.index.entries,
         prep.prompts,
         Path(cfg.out),
         prep.price,
+        n_verdict=verdict,
+        n_source=where,
         detail=cfg.model.detail,
         max_tokens=cfg.model.max_tokens,
         captions_per_image=cfg.model.captions_per_image,
@@ -402,7 +460,11 @@ def render_estimate(est: CostEstimate, console: Console) -> None:
                                 f"{fmt_int(est.items_left)} left")
     else:
         t.add_row("work items left", fmt_int(est.items_left))
-    t.add_row("requests", f"{fmt_int(est.requests)} ({est.captions_per_image} caption(s) per image)")
+    requests = f"{fmt_int(est.requests)} ({est.captions_per_image} caption(s) per image)"
+    if est.n_verdict is not None and est.captions_per_image > 1:
+        requests = (f"{fmt_int(est.requests)} ({est.captions_per_image} caption(s) per image, one request "
+                    f"each: the server {est.n_verdict} n)")
+    t.add_row("requests", requests)
     sizes = _sizes_text(est)
     if est.sampled:
         sizes += f" (sample of {fmt_int(est.items_seen)})"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import anyio
 from anyio.abc import ObjectSendStream
@@ -31,6 +31,11 @@ class Job:
     indices: tuple[int, ...]
     attempts: int = 0  # requests sent for this job
     soft_failures: int = 0  # answers that were no caption (refused, empty, invalid): one more try each job
+    # fallbacks (pipeline.run.fallbacks): what this attempt probes ("n", "format"), the structured mode it
+    # is sent in when not the run's, and a malformed answer with its validation error (a repair request)
+    probe: str = ""
+    format_mode: Any = None
+    repair: tuple[str, str] | None = None
 
     @property
     def prompt_hash(self) -> str:

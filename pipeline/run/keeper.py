@@ -11,6 +11,7 @@ from typing import Any
 
 from pipeline.ledger.costs import Spent
 from pipeline.ledger.manifest import base_manifest, cost_fields, now_iso, write_manifest
+from pipeline.providers.capabilities import merge_learned
 from pipeline.run.stats import RunStats
 
 
@@ -30,6 +31,9 @@ class ManifestKeeper:
         if previous and isinstance(previous.get("changes"), list):
             self.data["changes"] = list(previous["changes"])
         self.data.update(facts)
+        # what earlier runs learned of the server holds only for the same server and model
+        same = bool(previous) and all(previous.get(k) == facts.get(k) for k in ("base_url", "model"))
+        self.learned_before = previous.get("learned") if same and previous is not None else None
         self.data.setdefault("stop_reason", None)
         self.data["cost_usd_before"] = round(cost_before, 8)
         self.data["run_id"] = stats.run_id
@@ -60,6 +64,11 @@ class ManifestKeeper:
                              s.cost_unknown))
         d["stop_reason"] = s.stop_reason
         d["learned_limits"] = {"rpm": s.rpm_limit, "tpm": s.tpm_limit}
+        # what the server does with n, response_format, headers, usage: the dry-run reads it
+        d["learned"] = merge_learned(self.learned_before, s.learned())
+        # the adaptive concurrency limit (servers without rate-limit headers): where it ended, how high it went
+        d["concurrency_limit"] = {"adaptive": s.concurrency_limit is not None, "ceiling": s.concurrency,
+                                  "final": s.concurrency_limit, "max": s.concurrency_limit_max}
         write_manifest(self.out_dir, d)
 
     def finish(self, state: str) -> None:

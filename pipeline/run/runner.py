@@ -33,13 +33,18 @@ from typing import Any, Callable, Protocol, Sequence
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
-from pipeline.data.attributes import AttributeValidationError, field_names, response_format, validate_answer
+from pipeline.data.attributes import AttributeValidationError, field_names, validate_answer
 from pipeline.providers.base import APIFailure, Backend, ErrorKind, ModelReply, ModelRequest
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, FatalAPIError, ImageError, ServerUnreachableError
 from pipeline.data.images import payload_from_bytes, read_bytes
 from pipeline.data.index import LoadedIndex, load_index
 from pipeline.run.limits import RateLimiter
+from pipeline.run.fallbacks import (
+    FallbackState, FormatMode, apply_format, format_after_answer, format_after_invalid, n_after_answer,
+    on_bad_request, repair_turns, request_format,
+)
+from pipeline.run.adaptive import AdaptiveLimit, AdaptivePolicy, Outcome, Slot, classify_failure
 from pipeline.ledger.manifest import now_iso
 from pipeline.ledger.costs import budget_refusal, new_run_id, price_warning, retried_reason
 from pipeline.providers.pricing import (
@@ -66,7 +71,7 @@ from pipeline.ledger.manifest import read_manifest
 from pipeline.run.keeper import ManifestKeeper
 from pipeline.ledger.outputs import output_csv_names
 from pipeline.ledger.appendfile import describe_write_error
-from pipeline.ledger.writer import HoldPolicy, OutputWriter, ResumeState, Result, writer_task
+from pipeline.ledger.writer import HoldPolicy, OutputWriter, ResumeState, Result, say, writer_task
 
 JOB_BUFFER = 0  # the dispatcher hands a job over only when a worker is free: retries stay fresh
 INLINE_DECODE_BYTES = 512 * 1024  # smaller images are checked on the loop (cheaper than a thread hop)
@@ -91,6 +96,9 @@ class Context:
     answered_cost: float = 0.0
     rng: random.Random = field(default_factory=random.Random)
     outage: OutageTracker | None = None  # can the server be reached (pipeline.run.outage); None: stop at once
+    adaptive: AdaptiveLimit | None = None  # the concurrency limit below --concurrency (pipeline.run.adaptive)
+    fallbacks: FallbackState = field(default_factory=FallbackState)  # n / response_format (pipeline.run.fallbacks)
+    notify: Callable[[str], None] = field(default=lambda line: say(f"note: {line}"))  # a fallback's one line
 
 
 @dataclass(frozen=True)
@@ -190,9 +198,18 @@ async def process(ctx: Context, job: Job) -> list[Result]:
 
     prompt_text = render_prompt(job.prompt, job.entry.image_id, job.indices[0])
     n = len(job.indices)
+    # a structured prompt asks in the run's mode (json_schema, else json_object or the schema in the
+    # prompt: pipeline.run.fallbacks), or in the mode a probe tries; a malformed answer gets its repair turns
+    mode: FormatMode | None = None
+    sent_text, rformat = prompt_text, None
+    if job.prompt.schema is not None:
+        mode = job.format_mode or ctx.fallbacks.mode
+        sent_text, rformat = request_format(job.prompt, prompt_text, mode)
+    follow_up = repair_turns(*job.repair) if job.repair is not None else ()
     est = estimate_request(
-        ctx.price.image_rule, billed_text(job.prompt, prompt_text), payload.width, payload.height,
-        cfg.model.detail, cfg.model.max_tokens, n=n,
+        ctx.price.image_rule,
+        billed_text(job.prompt, sent_text) + "".join(text for _, text in follow_up),
+        payload.width, payload.height, cfg.model.detail, cfg.model.max_tokens, n=n,
     )
     reserve = est.reserve_tokens
     guess = 0.0
@@ -203,10 +220,15 @@ async def process(ctx: Context, job: Job) -> list[Result]:
             disp.abandon(job)
             return []
 
+    slot: Slot | None = None
     with ctx.controller.before_send() as scope:
         await ctx.controller.gate.wait_open()  # held while the server is unreachable or the disk is full
+        if ctx.adaptive is not None:
+            slot = await ctx.adaptive.acquire()  # a place within the adaptive limit (servers without limits)
         reservation = await ctx.limiter.acquire(reserve)
     if scope.cancelled_caught or ctx.controller.stopping:
+        if slot is not None:
+            slot.cancel()
         if not scope.cancelled_caught:
             ctx.limiter.correct(reservation, 0)
         disp.abandon(job)
@@ -214,15 +236,16 @@ async def process(ctx: Context, job: Job) -> list[Result]:
 
     request = ModelRequest(
         image_id=job.entry.image_id,
-        prompt_text=prompt_text,
+        prompt_text=sent_text,
         image=payload,
         model=cfg.model.model,
         detail=cfg.model.detail,
         max_tokens=cfg.model.max_tokens,
         n=n,
         temperature=cfg.model.temperature,
-        response_format=response_format(job.prompt) if job.prompt.schema is not None else None,
+        response_format=rformat,
         reserve_tokens=reserve,
+        follow_up=follow_up,
     )
     job.attempts += 1
     stats.request_sent()
@@ -233,19 +256,116 @@ async def process(ctx: Context, job: Job) -> list[Result]:
         if failure.status is not None and ctx.outage is not None:
             ctx.outage.heard_from_server()  # any HTTP answer: the server is there
         ctx.limiter.observe_headers(failure.headers)
+        if failure.status is not None:
+            stats.saw_answer(failure.headers, failure.usage)  # manifest's `learned`: headers, usage
         ctx.limiter.correct(reservation, tpm_charge(failure.kind, failure.usage, reserve, est.output_tokens))
+        outcome, occupied = classify_failure(failure.kind, failure.status, failure.usage is not None)
+        settle_slot(ctx, slot, outcome, cfg.model.timeout if occupied else 0.0)
         billed = None
         if failure.usage is not None:  # answered and billed, but no caption (refused, empty)
             _account(ctx, failure.usage)
             billed = Billed(failure.model or cfg.model.model, failure.usage)
+        if failure.status == 200:  # answered, though no caption: what it says about n / response_format
+            learn_from_answer(ctx, job, n, None, mode)
+        elif failure.kind is ErrorKind.BAD_REQUEST and retry_bad_request(ctx, job, n, mode, failure.code):
+            return []
         return handle_failure(ctx, job, failure.kind, failure.message, failure.headers, billed)
+    except BaseException:
+        if slot is not None:
+            slot.cancel()  # cut off by a stop: no sample
+        raise
     finally:
         ctx.inflight_cost -= guess
     if ctx.outage is not None:
         ctx.outage.heard_from_server()
     ctx.limiter.observe_headers(reply.headers)
+    stats.saw_answer(reply.headers, reply.usage)
     ctx.limiter.correct(reservation, tpm_charge(None, reply.usage, reserve, est.output_tokens))
-    return handle_reply(ctx, job, prompt_text, reply)
+    settle_slot(ctx, slot, Outcome.OK)
+    return handle_reply(ctx, job, prompt_text, reply, mode=mode)
+
+
+def learn_from_answer(ctx: Context, job: Job, n_sent: int, choices: int | None, mode: FormatMode | None) -> None:
+    """What an HTTP answer (caption or not) says about the server's `n` and `response_format`: the
+    decisions are `pipeline.run.fallbacks`'; a change is said once, in one line, and kept on RunStats."""
+    fb, stats = ctx.fallbacks, ctx.stats
+    verdict, line = n_after_answer(fb, n_sent, n_sent if choices is None else choices, probe=job.probe == "n")
+    if verdict is not None:
+        fb.n_support = stats.n_support = verdict
+        if not fb.n_usable:
+            ctx.n_supported = False
+    if line is not None:
+        _say_once(ctx, "n", line)
+    if mode is not None:
+        new_mode, line = format_after_answer(fb, mode)
+        if new_mode is not None and line is not None:
+            apply_format(fb, new_mode, "rejected")
+            _say_once(ctx, f"format:{new_mode.value}", line)
+        _sync_format_stats(ctx)
+    job.probe = ""
+    job.repair = None
+
+
+def retry_bad_request(ctx: Context, job: Job, n_sent: int, mode: FormatMode | None, code: str | None) -> bool:
+    """A 400 that may be about `n` or `response_format` rather than the image: send the same slots again
+    without it (a probe, `pipeline.run.fallbacks.on_bad_request`). True if the job went back in line."""
+    action = on_bad_request(ctx.fallbacks, n_sent, mode, code)
+    if action.action != "retry":
+        return False
+    if ctx.controller.stopping:  # not known to be the image's fault: left for the next run
+        ctx.dispatcher.abandon(job)
+        return True
+    if n_sent > 1:
+        if len(job.indices) > 1:
+            ctx.dispatcher.add(Job(job.entry, job.prompt, job.indices[1:], job.attempts, job.soft_failures,
+                                   format_mode=job.format_mode))
+            job.indices = job.indices[:1]
+        job.probe = action.probe
+    else:
+        job.probe = action.probe
+        job.format_mode = action.mode
+    ctx.stats.retry()
+    ctx.dispatcher.reschedule(job, 0.0)
+    return True
+
+
+def seed_fallbacks(ctx: Context, learned: Any, structured: bool) -> None:
+    """Start from what an earlier run of the folder learned of this server (`n`, the structured mode)."""
+    fb = ctx.fallbacks = FallbackState.from_learned(learned)
+    ctx.n_supported = fb.n_usable
+    ctx.stats.n_support = fb.n_support
+    if structured:
+        _sync_format_stats(ctx)
+    for key, line in fb.resumed_lines(ctx.cfg.model.captions_per_image, structured):
+        _say_once(ctx, key, line)
+
+
+def _say_once(ctx: Context, key: str, line: str) -> None:
+    if ctx.fallbacks.say_once(key, line, ctx.notify):
+        ctx.stats.fallback_lines.append(line)
+
+
+def _sync_format_stats(ctx: Context) -> None:
+    fb, stats = ctx.fallbacks, ctx.stats
+    stats.structured_mode = fb.mode.value
+    stats.json_schema_support = fb.json_schema
+    stats.json_object_support = fb.json_object
+
+
+def settle_slot(ctx: Context, slot: Slot | None, outcome: Outcome, hold_s: float = 0.0) -> None:
+    """Give the adaptive slot back with what the attempt said; once the server has shown rate-limit
+    headers (or limits were given), the adaptive limit steps aside for --concurrency."""
+    if slot is None or ctx.adaptive is None:
+        return
+    if ctx.limiter.rpm_limit is not None or ctx.limiter.tpm_limit is not None:
+        ctx.adaptive.disable()
+    slot.finish(outcome, hold_s)
+    stats = ctx.stats
+    if ctx.adaptive.enabled:
+        stats.concurrency_limit = ctx.adaptive.capacity
+        stats.concurrency_limit_max = max(stats.concurrency_limit_max or 0, stats.concurrency_limit)
+    else:
+        stats.concurrency_limit = stats.concurrency_limit_max = None
 
 
 def tpm_charge(kind: ErrorKind | None, usage: Usage | None, reserved: int, max_output: int) -> int:
@@ -344,7 +464,8 @@ def _fatal_message(kind: ErrorKind, message: str, cfg: RunConfig) -> str:
     if kind is ErrorKind.PERMISSION:
         return f"{where} refused access ({message})"
     if kind is ErrorKind.NOT_FOUND:
-        return f"model {cfg.model.model!r} is not available at {where} (404): check --model"
+        # the server's own words: a 404, or a 400 naming the model (transformers serve's {"detail": ...})
+        return f"model {cfg.model.model!r} is not available at {where} ({message}): check --model"
     if kind is ErrorKind.QUOTA:
         return f"{where} says the account is out of quota or credit ({message}): add credit or change key"
     return message
@@ -358,13 +479,19 @@ def key_hint(cfg: RunConfig) -> str:
     return f"{preset_var} (OPENAI_API_KEY was sent in its place)"
 
 
-def handle_reply(ctx: Context, job: Job, prompt_text: str, reply: ModelReply) -> list[Result]:
+def handle_reply(
+    ctx: Context, job: Job, prompt_text: str, reply: ModelReply, *, mode: FormatMode | None = None
+) -> list[Result]:
     """Rows for the slots the answer filled; the rest go on as a job of their own.
 
     Slots can stay unfilled because a choice was refused or invalid (retried once, then errors.csv) or
     because the server ignores `n` (asked for one by one from then on, like any server without `n`).
+    A malformed structured answer's retry is a repair request (its answer and the validation error
+    shown to the model); the first non-JSON answer in a `response_format` mode moves the run to the
+    next mode (`pipeline.run.fallbacks`). `mode`: the structured mode the request was sent in.
     """
     disp = ctx.dispatcher
+    learn_from_answer(ctx, job, len(job.indices), len(reply.texts) + len(reply.rejected), mode)
     _account(ctx, reply.usage)
     ts = now_iso()
     filled = list(zip(job.indices, reply.texts))
@@ -372,6 +499,7 @@ def handle_reply(ctx: Context, job: Job, prompt_text: str, reply: ModelReply) ->
     rows: list[Result] = []
     bad: list[tuple[int, ErrorKind, str]] = []
     bad_usage: list[Usage] = []  # the invalid answers' share of the bill: it goes on their error rows
+    repair: tuple[str, str] | None = None  # a malformed answer and what is wrong with it
     for (idx, text), u in zip(filled, usages):
         cost = row_cost(ctx.price, u)
         if job.prompt.schema is not None:
@@ -380,6 +508,13 @@ def handle_reply(ctx: Context, job: Job, prompt_text: str, reply: ModelReply) ->
             except AttributeValidationError as exc:
                 bad.append((idx, ErrorKind.INVALID, f"{exc.reason}: {exc.detail}"))
                 bad_usage.append(u)
+                repair = repair or (text, f"{exc.reason}: {exc.detail}")
+                if mode is not None:
+                    new_mode, line = format_after_invalid(ctx.fallbacks, mode, exc.reason)
+                    if new_mode is not None and line is not None:
+                        apply_format(ctx.fallbacks, new_mode, "ignored")
+                        _say_once(ctx, f"format:{new_mode.value}", line)
+                        _sync_format_stats(ctx)
                 continue
             rows.append(AttributeRow(
                 job.entry.image_id, job.prompt.name, fields, ts, reply.model, u.prompt_tokens,
@@ -405,7 +540,7 @@ def handle_reply(ctx: Context, job: Job, prompt_text: str, reply: ModelReply) ->
     out: list[Result] = list(rows)
     if failed:
         kind, why = (bad[0][1], bad[0][2]) if bad else reply.rejected[0]
-        rest = disp.adopt(Job(job.entry, job.prompt, failed, job.attempts, job.soft_failures))
+        rest = disp.adopt(Job(job.entry, job.prompt, failed, job.attempts, job.soft_failures, repair=repair))
         # refused choices' tokens are already on the caption rows (the usage is split over the texts)
         billed = Billed(reply.model, sum_usage(bad_usage)) if bad_usage else None
         out += handle_failure(ctx, rest, kind, why, reply.headers, billed)
@@ -655,6 +790,8 @@ async def run_prepared(
                   controller, dispatcher)
     ctx.outage = OutageTracker(controller.gate, cfg.model.base_url or DEFAULT_BASE_URL,
                                OutagePolicy(timeout_s=cfg.limits.outage_timeout), stats=stats)
+    ctx.adaptive = make_adaptive(cfg)
+    stats.concurrency_limit = stats.concurrency_limit_max = ctx.adaptive.capacity if ctx.adaptive.enabled else None
     if cfg.limits.max_cost is not None:
         # the budget is for the output folder: what earlier runs spent there counts against it, billed
         # failures (errors.csv) included; rows of unknown cost cannot be counted (the price was unknown)
@@ -662,6 +799,7 @@ async def run_prepared(
         if ctx.budget_left <= 0:
             controller.request_stop("budget")
     keeper = ManifestKeeper(cfg.out, describe_run(prep), stats, prep.resume.cost_usd, prep.previous_manifest)
+    seed_fallbacks(ctx, keeper.learned_before, any(p.schema is not None for p in prep.prompts))
     keeper.record_changes([asdict(c) for c in prep.accepted_changes])
     workers = worker_count(cfg.limits.concurrency, prep.total - prep.skipped)
     view = views(stats) if views is not None else NoView()  # the views read stats; the run never needs them
@@ -738,6 +876,15 @@ def final_state(controller: Controller) -> str:
     if controller.stopping:
         return "interrupted"
     return "finished"
+
+
+def make_adaptive(cfg: RunConfig) -> AdaptiveLimit:
+    """The adaptive limit: on for a server whose limits are not given (it steps aside if the server's
+    rate-limit headers teach them); off with --rpm/--tpm, the offline backend or the hidden
+    --fixed-concurrency (benchmarks sweep fixed pools with it)."""
+    on = (cfg.model.backend == "openai" and cfg.limits.rpm is None and cfg.limits.tpm is None
+          and cfg.limits.adaptive)
+    return AdaptiveLimit(AdaptivePolicy(ceiling=cfg.limits.concurrency, timeout_s=cfg.model.timeout), enabled=on)
 
 
 MAX_WORKERS = 1024  # beyond this no server or rate limit is helped; the CLI caps --concurrency with a note

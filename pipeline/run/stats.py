@@ -8,7 +8,11 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
+from typing import Any, Mapping
+
 from pipeline.ledger.costs import Spent, run_spent
+from pipeline.providers.capabilities import has_rate_limit_headers
+from pipeline.records import Usage
 
 
 def _percentile(sorted_values: list[float], q: float) -> float | None:
@@ -55,6 +59,7 @@ class Snapshot:
     outage_s: float | None = None  # seconds the server has been unreachable (pool held, probing); None if not
     outage_why: str = ""  # "connection refused", "host name not found", ...
     write_warning: str | None = None  # "captions_all.csv cannot be written: ...; holding N answers, retrying"
+    concurrency_limit: int | None = None  # the adaptive limit under `concurrency` now; None: not adaptive
 
     @property
     def spent_run(self) -> Spent:
@@ -109,6 +114,17 @@ class RunStats:
     outage_why: str = ""
     stop_reason: str | None = None
     write_warning: str | None = None  # set by the writer while an output file cannot be written
+    concurrency_limit: int | None = None  # adaptive limit (pipeline.run.adaptive); None: --concurrency alone
+    concurrency_limit_max: int | None = None  # the highest it reached in this run
+    # what the run learned of the server's `n` and `response_format` (pipeline.run.fallbacks), None: not yet
+    n_support: str | None = None  # "honoured" | "ignored" | "rejected"
+    json_schema_support: str | None = None  # "enforced" | "ignored" | "rejected"
+    json_object_support: str | None = None  # "ignored" | "rejected" (json_object was dropped too)
+    structured_mode: str | None = None  # "json_schema" | "json_object" | "prompt": how attribute prompts ask now
+    fallback_lines: list[str] = field(default_factory=list)  # the one-line notes said, in order
+    # what the run's answers showed (manifest's `learned`; None: no answer yet)
+    rate_limit_headers: bool | None = None  # any x-ratelimit-* header on any answer
+    usage_reported: bool | None = None  # any 200 answer with token counts in `usage`
     started: float = field(default_factory=time.monotonic)
     _latencies: deque = field(default_factory=deque)
     _done_times: deque = field(default_factory=deque)
@@ -151,6 +167,20 @@ class RunStats:
 
     def failed(self, reason: str, n: int = 1) -> None:
         self.failed_by_reason[reason] += n
+
+    def saw_answer(self, headers: Mapping[str, str], usage: Usage | None = None) -> None:
+        """An HTTP answer's headers (any status) and, for a 200, its usage: what the manifest's `learned`
+        says of rate-limit headers and usage. Sticky once true; cheap after that."""
+        if not self.rate_limit_headers:
+            self.rate_limit_headers = has_rate_limit_headers(headers)
+        if usage is not None and not self.usage_reported:
+            self.usage_reported = usage.prompt_tokens > 0 or usage.completion_tokens > 0
+
+    def learned(self) -> dict[str, Any]:
+        """What this run found out about the server (`capabilities.LEARNED_KEYS`; None: not known)."""
+        return {"n": self.n_support, "json_schema": self.json_schema_support,
+                "json_object": self.json_object_support, "structured_mode": self.structured_mode,
+                "rate_limit_headers": self.rate_limit_headers, "usage": self.usage_reported}
 
     # --- reads ----------------------------------------------------------------------------------
     @property
@@ -216,4 +246,5 @@ class RunStats:
             outage_s=None if self.outage_since is None else max(0.0, now - self.outage_since),
             outage_why=self.outage_why,
             write_warning=self.write_warning,
+            concurrency_limit=self.concurrency_limit,
         )

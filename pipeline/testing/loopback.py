@@ -386,6 +386,23 @@ def _schema_of(response_format: Any) -> dict | None:
     return None
 
 
+def _schema_in_prompt(prompt: str) -> dict | None:
+    """A JSON schema written into the prompt text (an object with "properties"), if there is one."""
+    start = prompt.find("{")
+    if start < 0 or '"properties"' not in prompt:
+        return None
+    decoder = json.JSONDecoder()
+    while start >= 0:
+        try:
+            value, _ = decoder.raw_decode(prompt, start)
+        except ValueError:
+            value = None
+        if isinstance(value, dict) and isinstance(value.get("properties"), dict):
+            return value
+        start = prompt.find("{", start + 1)
+    return None
+
+
 def _expected_json_for_digest(digest: str, schema: dict, index: int = 0) -> Any:
     return _gen_value(schema, schema, digest, index, "", "")
 
@@ -423,7 +440,20 @@ class LoopbackConfig:
     api_key: str | None = DEFAULT_API_KEY  # None = accept any key (or none)
     models: tuple[str, ...] | list[str] = DEFAULT_MODELS
     latency: float = 0.0  # seconds before answering an admitted request
+    # A single-stream backend (transformers serve, Ollama with one slot): 0 = every request computes at once;
+    # k = k at a time from a FIFO queue, each taking `latency` s of compute that goes on after the client
+    # gives up; max_pending > 0: more than that many waiting -> 503 "server busy" (Ollama's queue).
+    serve_slots: int = 0
+    max_pending: int = 0
     honour_n: bool = True  # False = always 1 choice, like servers that ignore n
+    # Server quirks (fallbacks): reject_n = 400 "Only one completion choice is allowed" when n > 1 (llama-server);
+    # response_format_mode: "honour", "ignore" (answers as if none was sent: free text, or JSON when the
+    # prompt itself holds a JSON schema, as an instruction-following model would; transformers serve),
+    # "reject" (400 for any response_format), "reject_schema" (400 for json_schema, json_object honoured);
+    # unknown_model: "404" (OpenAI, vLLM, Ollama) or "400_detail" (transformers serve: 400 {"detail": ...}).
+    reject_n: bool = False
+    response_format_mode: str = "honour"
+    unknown_model: str = "404"
     default_max_tokens: int = 300  # completion budget reserved when max_tokens is absent
 
     # Rate limits (per minute; None or 0 = unlimited), enforced as continuous token buckets.
@@ -448,6 +478,9 @@ class LoopbackConfig:
     p_429: float = 0.0
     fault_retry_after_s: float = 0.2  # retry-after of injected (p_429) 429s
     p_invalid_json: float = 0.0  # only for response_format json_schema / json_object
+    repairable: bool = False  # True: a request holding an assistant turn (a repair request) gets no invalid_json
+    p_junk: float = 0.0  # an answer of only punctuation / control / invisible characters ("…", "\x00", U+200B)
+    p_control: float = 0.0  # the right caption with control characters inside it ("A person\x00\x1b in image ...")
     invalid_json_mode: str = "object"  # "object" (non-conforming object), "truncated", "mixed"
     fail_first_attempts: int = 0  # every (digest, prompt) gets 500 on its first k served attempts
     # How error bodies are shaped (every 4xx/5xx): "openai" {"error": {...}}, "dashscope" {"code",
@@ -475,6 +508,7 @@ class LoopbackStats:
         self.ok_digests: Counter[str] = Counter()  # digests answered correctly (ok + slow)
         self.timestamps: list[float] = []  # time.monotonic() of each request arrival
         self.timestamps_429: list[float] = []  # time.monotonic() of each 429 sent
+        self.last_answer: float | None = None  # time.monotonic() of the last 200 answer (throughput spans)
         self.in_flight = 0
         self.max_in_flight = 0
         self.prompt_tokens = 0  # summed over 200 answers
@@ -516,6 +550,7 @@ class LoopbackStats:
                 "completion_tokens": self.completion_tokens,
                 "first_arrival": self.timestamps[0] if self.timestamps else None,
                 "last_arrival": self.timestamps[-1] if self.timestamps else None,
+                "last_answer": self.last_answer,
             }
             if timestamps:
                 d["timestamps"] = list(self.timestamps)
@@ -627,7 +662,12 @@ _FAULT_ORDER = (
     "content_filter",
     "empty",
     "invalid_json",
+    "junk",
+    "control",
 )
+
+# Answers with no letter and no digit: what small local models sometimes send back.
+JUNK_ANSWERS = ("…", "\x00", "\ufffd", "\u200b", " . \u200b …", "\u200b\u200d\ufeff", "?!", "\x00\x07 \x1b")
 
 _5XX = (
     (500, _err("The server had an error while processing your request. Sorry about that!", "server_error", None)),
@@ -667,6 +707,8 @@ class LoopbackServer:
         self._tok_bucket: _Bucket | None = None
         self._id_counter = 0
         self._prompts: dict[str, str] = {}
+        self._serve_sem: tuple[int, asyncio.Semaphore] | None = None  # (serve_slots, its semaphore)
+        self._waiting = 0  # requests queued for a serve slot (serve_slots > 0)
 
     # -- configuration -----------------------------------------------------
     def configure(self, **changes: Any) -> "LoopbackServer":
@@ -963,6 +1005,8 @@ class LoopbackServer:
             cfg.p_content_filter,
             cfg.p_empty,
             cfg.p_invalid_json,
+            cfg.p_junk,
+            cfg.p_control,
         )
         if not any(probs):
             return "ok"
@@ -1083,6 +1127,11 @@ class LoopbackServer:
             self._count("400")
             return self._json(400, _err("you must provide a model parameter", "invalid_request_error", None, "model"))
         if model not in cfg.models:
+            if cfg.unknown_model == "400_detail":  # transformers serve: a 400, the reason only in `detail`
+                self._count("400")
+                return web.json_response(
+                    {"detail": f"Failed to load model {model}: it is neither a local folder nor a model "
+                               "identifier on the Hub"}, status=400)
             self._count("404")
             return self._json(404, self._model_404(model))
         messages = body.get("messages")
@@ -1095,6 +1144,16 @@ class LoopbackServer:
         if not isinstance(n, int) or not 1 <= n <= 128:
             self._count("400")
             return self._json(400, _err(f"Invalid 'n': {n!r}.", "invalid_request_error", "invalid_value", "n"))
+        if cfg.reject_n and n > 1:  # llama-server's words and shape (its code is the status, a number)
+            self._count("400")
+            return self._json(400, {"error": {"code": 400, "message": "Only one completion choice is allowed",
+                                              "type": "invalid_request_error"}})
+        rf_type = body.get("response_format", {}).get("type") if isinstance(body.get("response_format"), dict) else None
+        if rf_type is not None and (cfg.response_format_mode == "reject"
+                                    or (cfg.response_format_mode == "reject_schema" and rf_type == "json_schema")):
+            self._count("400")
+            return self._json(400, _err(f"response_format type {rf_type!r} is not supported by this server",
+                                        "invalid_request_error", None, "response_format"))
         try:
             image, img_tokens, prompt, text_tokens = self._parse_images_and_text(messages, model)
         except _BadImage as e:
@@ -1204,8 +1263,12 @@ class LoopbackServer:
         attempt = self._served_attempts.get(pair, 0)
         self._served_attempts[pair] = attempt + 1
         fault = self._choose_fault(digest, prompt, attempt)
-        schema = _schema_of(body.get("response_format"))
-        if fault == "invalid_json" and schema is None:
+        schema = _schema_of(body.get("response_format")) if cfg.response_format_mode != "ignore" else None
+        in_prompt = _schema_in_prompt(prompt)
+        if in_prompt is not None and (schema is None or rf_type == "json_object"):
+            schema = in_prompt  # the model follows the schema written into the prompt
+        repair = any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages)
+        if fault == "invalid_json" and (schema is None or (cfg.repairable and repair)):
             fault = "ok"
 
         if fault == "429":
@@ -1227,7 +1290,15 @@ class LoopbackServer:
             self._abort(request)
             return web.Response(status=504)
         delay = cfg.slow_s if fault == "slow" else cfg.latency
-        if delay > 0:
+        if cfg.serve_slots > 0:
+            if cfg.max_pending > 0 and self._waiting >= cfg.max_pending:
+                self._count("busy")
+                return self._json(503, {"error": "server busy, please try again.  maximum pending requests "
+                                                 "exceeded"}, headers)
+            request[_PENDING] = True
+            await asyncio.shield(self._serve(delay))  # an abandoned request keeps its slot until computed
+            request[_PENDING] = False
+        elif delay > 0:
             request[_PENDING] = True
             await asyncio.sleep(delay)
             request[_PENDING] = False
@@ -1258,6 +1329,10 @@ class LoopbackServer:
                 content, finish = None, "content_filter"
             elif fault == "empty":
                 content = ""
+            elif fault == "junk":
+                content = JUNK_ANSWERS[_hash_int("junk", digest, attempt, i) % len(JUNK_ANSWERS)]
+            elif fault == "control" and schema is None:
+                content = _caption_for_digest(digest, i).replace("A person", "A person\x00\x1b\x07", 1) + "\x7f"
             elif schema is not None:
                 obj = _expected_json_for_digest(digest, schema, i)
                 if fault == "invalid_json":
@@ -1302,10 +1377,36 @@ class LoopbackServer:
             st.outcomes[outcome] += 1
             st.prompt_tokens += prompt_tokens
             st.completion_tokens += completion_tokens
+            st.last_answer = time.monotonic()
             if outcome in ("ok", "slow"):
                 st.ok_digests[digest] += 1
         headers["x-request-id"] = f"req_loopback{self._id_counter:010d}"
         return self._json(200, resp, headers)
+
+    def _serve(self, seconds: float) -> asyncio.Task:
+        """Queue for one of `serve_slots` and compute for `seconds`, as a task the client cannot cancel."""
+        k = max(1, int(self.config.serve_slots))
+        if self._serve_sem is None or self._serve_sem[0] != k:
+            self._serve_sem = (k, asyncio.Semaphore(k))
+        sem = self._serve_sem[1]
+
+        async def compute() -> None:
+            self._waiting += 1
+            queued = True
+            try:
+                async with sem:
+                    self._waiting -= 1
+                    queued = False
+                    if seconds > 0:
+                        await asyncio.sleep(seconds)
+            finally:
+                if queued:
+                    self._waiting -= 1
+
+        task = asyncio.ensure_future(compute())
+        self._tasks.add(task)  # the server's stop cancels it
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     @staticmethod
     def _abort(request: web.Request) -> None:
@@ -1355,6 +1456,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default=",".join(d.models), help="comma-separated model ids")
     p.add_argument("--latency", type=float, default=d.latency, help="seconds before answering")
     p.add_argument("--no-honour-n", action="store_true", help="always answer 1 choice")
+    p.add_argument("--reject-n", action="store_true", help="400 'Only one completion choice is allowed' for n > 1")
+    p.add_argument("--response-format", choices=("honour", "ignore", "reject", "reject_schema"),
+                   default=d.response_format_mode, help="what to do with response_format")
+    p.add_argument("--unknown-model", choices=("404", "400_detail"), default=d.unknown_model,
+                   help="answer to an unknown model: 404 (OpenAI) or 400 {\"detail\": ...} (transformers serve)")
+    p.add_argument("--serve-slots", type=int, default=0,
+                   help="compute k requests at a time from a queue, `latency` s each (0 = all at once)")
+    p.add_argument("--max-pending", type=int, default=0, help="503 'server busy' beyond this many queued")
     p.add_argument("--max-tokens-default", type=int, default=d.default_max_tokens)
     p.add_argument("--rpm", type=_limit, default=None, help="requests per minute (0 = unlimited)")
     p.add_argument("--tpm", type=_limit, default=None, help="tokens per minute (0 = unlimited)")
@@ -1362,7 +1471,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-headers", action="store_true", help="send no x-ratelimit-* headers")
     p.add_argument("--quota-exhausted", action="store_true", help="every request -> 429 insufficient_quota")
     p.add_argument("--seed", type=int, default=d.seed)
-    for name in ("5xx", "drop", "hang", "refusal", "apology", "content-filter", "empty", "slow", "429", "invalid-json"):
+    for name in ("5xx", "drop", "hang", "refusal", "apology", "content-filter", "empty", "slow", "429", "invalid-json",
+                 "junk", "control"):
         p.add_argument(f"--p-{name}", type=float, default=0.0, help=f"probability of {name} per request")
     p.add_argument("--hang-s", type=float, default=d.hang_s)
     p.add_argument("--slow-s", type=float, default=d.slow_s)
@@ -1384,6 +1494,13 @@ def config_from_args(a: argparse.Namespace) -> LoopbackConfig:
         models=tuple(m.strip() for m in a.models.split(",") if m.strip()),
         latency=a.latency,
         honour_n=not a.no_honour_n,
+        reject_n=a.reject_n,
+        response_format_mode=a.response_format,
+        unknown_model=a.unknown_model,
+        p_junk=a.p_junk,
+        p_control=a.p_control,
+        serve_slots=a.serve_slots,
+        max_pending=a.max_pending,
         default_max_tokens=a.max_tokens_default,
         rpm=a.rpm,
         tpm=a.tpm,

@@ -1,8 +1,10 @@
 """Faults: images/s under a mix of server faults divided by images/s of the same run without faults.
 
-Target (from the issue): >= 0.8. Fault mix (server): 5 % 5xx, 2 % dropped connections, 1 % hangs of 30 s,
-3 % refusals, plus one 429 storm (default: half-way through, every request is answered 429 for 0.5 s);
-the pipeline runs with `--timeout 1` (5 x the server's latency, what a user seeing hangs would set).
+Target (issue 12): >= 0.9 at 2,000 images and >= 0.95 at 20,000, with the pipeline's DEFAULT options (no
+`--timeout`: the adaptive deadline and tail hedging of pipeline.run.tail must cut the hangs). Fault mix
+(server): 5 % 5xx, 2 % dropped connections, 1 % hangs of 30 s, 3 % refusals, plus one 429 storm (default:
+half-way through, every request is answered 429 for 0.5 s). `--timeout S` runs with a fixed ceiling
+instead (the earlier figures used `--timeout 1`), `--no-hedge` without hedging.
 Latency 0.2 s, concurrency 64, 20,000 images, the same images in both runs (each with a fresh server and
 output folder). The run is long on purpose: the last hung or twice-failed images add a fixed tail of
 1-5 s to any run, which dominates a 7-second run and vanishes in a real one.
@@ -29,7 +31,9 @@ def main(argv=None) -> int:
                            latency=0.2)
     p.add_argument("--storm", default=None, help="N:SECONDS: after the N-th request, 429 everything for SECONDS "
                    "(default: half of the images, 0.5 s; 'none' for no storm)")
-    p.add_argument("--timeout", type=float, default=1.0, help="the pipeline's --timeout (default 1)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="the pipeline's --timeout (default: not given, the pipeline's default options)")
+    p.add_argument("--no-hedge", action="store_true", help="run the pipeline with --no-hedge")
     p.add_argument("--hang-s", type=float, default=30.0, help="how long a hung request hangs (default 30)")
     a = p.parse_args(argv)
     n = common.images_wanted(a)
@@ -39,13 +43,15 @@ def main(argv=None) -> int:
     if storm.lower() != "none":
         faults += ["--storm", storm]
     paths = common.ensure_images(n)
+    pipeline_extra = ["--fixed-concurrency"] + (["--timeout", a.timeout] if a.timeout is not None else [])
+    pipeline_extra += ["--no-hedge"] if a.no_hedge else []
     runs = {}
     with common.Workdir("faults", a.keep) as work:
         index = common.write_index(paths, work)
         for name, server_extra in (("clean", []), ("faults", faults)):
             with common.Loopback("--latency", a.latency, "--stats-timestamps", *server_extra) as srv:
                 run = common.run_pipeline(index, work / f"out-{name}", srv.url, concurrency=a.concurrency,
-                                          extra=["--timeout", a.timeout, "--fixed-concurrency"],
+                                          extra=pipeline_extra,
                                           timeout_s=a.run_timeout)
             st = srv.stats
             span = common.server_span(st)
@@ -73,9 +79,10 @@ def main(argv=None) -> int:
             )
             common.detail(
                 f"{name}: pipeline requests={c.get('requests')} retries={c.get('retries')} "
-                f"429s={c.get('rate_limited')} | server extra requests={st['extra_requests']} "
-                f"distinct pairs={st['distinct_pairs']}"
-                + ("" if c.get("retries") == st["extra_requests"] else "  <- retries != server extra requests")
+                f"hedges={c.get('hedges')} 429s={c.get('rate_limited')} | server extra requests="
+                f"{st['extra_requests']} distinct pairs={st['distinct_pairs']}"
+                + ("" if (c.get("retries") or 0) + (c.get("hedges") or 0) == st["extra_requests"]
+                   else "  <- retries + hedges != server extra requests")
             )
             common.detail(
                 f"{name}: outputs: {check['accounted']}/{n} images accounted for (captions {check['captioned']}, "
@@ -94,12 +101,14 @@ def main(argv=None) -> int:
                   f"x useful share {n}/{bad['st']['requests']} = {body * useful:.2f} in images/s; the tail after it: "
                   f"{clean['tail_s']:.2f} s clean vs {bad['tail_s']:.2f} s faulty (hung requests near the end: "
                   f"--timeout + backoff + another attempt, and chains of two faults)")
+    target = 0.95 if n >= 20000 else 0.9
     common.say(
         f"faults: clean={clean['rate']:.1f} img/s faulty={bad['rate']:.1f} img/s ratio={ratio:.2f} "
-        f"(target >=0.8: {'met' if ratio >= 0.8 else 'MISSED'}; wall ratio={wall_ratio:.2f}) "
+        f"(target >={target}: {'met' if ratio >= target else 'MISSED'}; wall ratio={wall_ratio:.2f}) "
         f"every image once={'yes' if exactly_once else 'NO'} ({chk['captioned']} captioned + {chk['errors']} errors"
-        f" of {n}) retries={c.get('retries')} server_extra_requests={bad['st']['extra_requests']} "
-        f"storm={storm} timeout={a.timeout:g}s"
+        f" of {n}) retries={c.get('retries')} hedges={c.get('hedges')} "
+        f"server_extra_requests={bad['st']['extra_requests']} storm={storm} "
+        f"timeout={'default' if a.timeout is None else f'{a.timeout:g}s'}{' no-hedge' if a.no_hedge else ''}"
     )
     return 0
 

@@ -9,6 +9,12 @@ leaves the interpreter, imports and pools out.
 
 Index load: `python -c` imports pipeline.data.index, notes ru_maxrss, loads the text index with
 `load_index`, and prints the load time and ru_maxrss after (the paths need not exist: loading is lexical).
+
+`--index-only` (issue 12) skips the pipeline runs and loads synthetic indexes of `--index-lines` lines
+(a comma list, e.g. 1000000,5000000) in both forms: the JSON `prepare` writes (sorted, one image a line)
+and a text list of absolute paths. Each prints the load time, the peak RSS of the loading process, the
+memory still held after (resident, after gc) per entry (Linux /proc), and the ratio to plain Python's `csv` module
+just reading the same file (its rows dropped as read) in a fresh process.
 """
 
 from __future__ import annotations
@@ -36,6 +42,93 @@ print(json.dumps({"entries": len(idx.entries), "load_s": dt, "maxrss_before_kb":
 """
 
 
+LOAD_HELD_SNIPPET = r"""
+import gc, json, resource, sys, time
+from pathlib import Path
+from pipeline.data.index import load_index
+def status_kb(field):  # VmHWM, not ru_maxrss: ru_maxrss keeps the parent's peak across fork + exec
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
+rss_kb = lambda: status_kb("VmRSS")
+before = rss_kb()
+t0 = time.perf_counter()
+idx = load_index(Path(sys.argv[1]))
+dt = time.perf_counter() - t0
+gc.collect()
+held = rss_kb()
+print(json.dumps({"entries": len(idx.entries), "load_s": dt, "before_kb": before, "held_kb": held,
+                  "peak_kb": status_kb("VmHWM")}))
+"""
+
+CSV_SNIPPET = r"""
+import csv, json, sys, time
+t0 = time.perf_counter()
+with open(sys.argv[1], newline="", encoding="utf-8") as fh:
+    n = sum(1 for _ in csv.reader(fh))
+print(json.dumps({"rows": n, "read_s": time.perf_counter() - t0}))
+"""
+
+
+def write_synthetic_indexes(folder: Path, lines: int) -> dict[str, Path]:
+    """A JSON index as `prepare` writes it (sorted ids, one image a line) and a text list of absolute
+    paths, `lines` Market-style images each; the root folder exists, the images do not."""
+    from pipeline.data.index import write_index
+
+    root = folder / f"market_{lines}"
+    root.mkdir(parents=True, exist_ok=True)
+    splits = [("bounding_box_train", "train"), ("query", "query"), ("bounding_box_test", "gallery")]
+
+    def image(i: int) -> dict:
+        pid, k = divmod(i, 10)
+        sub, split = splits[i % 3]
+        iid = f"{sub}/{pid % 10000:04d}_c{1 + k % 6}s{1 + pid // 10000}_{i:07d}_{k + 1:02d}.jpg"
+        return {"image_id": iid, "path": iid, "pid": pid % 10000, "camid": 1 + k % 6, "split": split}
+
+    order = sorted(range(lines), key=lambda i: image(i)["image_id"])  # ids sorted, as prepare writes them
+    json_path = folder / f"index_{lines}.json"
+    write_index({"root": str(root), "dataset": "market1501", "images": (image(i) for i in order)}, json_path)
+    text_path = folder / f"index_{lines}.txt"
+    with open(text_path, "w", encoding="utf-8") as fh:
+        for i in range(lines):
+            fh.write(f"{root}/{image(i)['image_id']}\n")
+    return {"json": json_path, "text": text_path}
+
+
+def _child_json(snippet: str, arg: Path, timeout_s: float) -> dict:
+    with tempfile.TemporaryFile() as out:
+        proc = common.run_measured([sys.executable, "-c", snippet, str(arg)], timeout_s=timeout_s,
+                                   stdout=out, stderr=subprocess.STDOUT)
+        out.seek(0)
+        text = out.read().decode("utf-8", "replace")
+    for line in text.splitlines():
+        if line.startswith("{"):
+            return json.loads(line)
+    common.detail(f"WARNING child failed (rc={proc.rc}): {text[-500:]}")
+    return {}
+
+
+def index_only(a, work: Path) -> int:
+    sizes = [int(x) for x in (a.index_lines or ("100000" if a.quick else "1000000,5000000")).split(",")]
+    for lines in sizes:
+        files = write_synthetic_indexes(work, lines)
+        for form, path in files.items():
+            load = _child_json(LOAD_HELD_SNIPPET, path, a.run_timeout)
+            base = _child_json(CSV_SNIPPET, path, a.run_timeout)
+            if not load or not base:
+                continue
+            held = (load["held_kb"] - load["before_kb"]) * 1024 / load["entries"]
+            ratio = load["load_s"] / max(base["read_s"], 1e-9)
+            common.say(
+                f"index_load: form={form} lines={load['entries']} time={load['load_s']:.2f}s "
+                f"csv_read={base['read_s']:.2f}s ratio={ratio:.2f}x peak_rss={load['peak_kb'] / 1024:.0f}MiB "
+                f"held={(load['held_kb'] - load['before_kb']) / 1024:.0f}MiB ({held:.0f} B/entry) "
+                f"file={path.stat().st_size / 2**20:.0f}MiB"
+            )
+        for path in files.values():
+            path.unlink()
+    return 0
+
+
 def write_big_index(folder: Path, lines: int) -> Path:
     """`lines` distinct Market-1501-style absolute paths under three split folders (files need not exist)."""
     base = common.CACHE / "market"
@@ -59,11 +152,16 @@ def pipeline_peak(paths, work: Path, tag: str, a) -> tuple[common.PipelineRun, d
 def main(argv=None) -> int:
     p = common.make_parser("memory", __doc__.splitlines()[0], images=20000, quick_images=2000, concurrency=64,
                            latency=0.0)
-    p.add_argument("--index-lines", type=int, default=None, help="lines of the text index loaded alone "
-                   "(default 200,000; --quick 50,000)")
+    p.add_argument("--index-lines", default=None, help="lines of the text index loaded alone "
+                   "(default 200,000; --quick 50,000); with --index-only a comma list "
+                   "(default 1000000,5000000; --quick 100000)")
+    p.add_argument("--index-only", action="store_true", help="only the index load figures (issue 12)")
     a = p.parse_args(argv)
+    if a.index_only:
+        with common.Workdir("memory", a.keep) as work:
+            return index_only(a, work)
     n = common.images_wanted(a)
-    lines = a.index_lines or (50_000 if a.quick else 200_000)
+    lines = int(a.index_lines) if a.index_lines else (50_000 if a.quick else 200_000)
     paths = common.ensure_images(n)
     small_n = max(1, n // 20)
     with common.Workdir("memory", a.keep) as work:

@@ -175,7 +175,10 @@ def build_parser(prog: str = "python -m pipeline") -> argparse.ArgumentParser:
     r.add_argument("--max-tokens", type=_positive_int, default=300, help="answer length cap in tokens (default 300)")
     r.add_argument("--temperature", type=_non_negative_float, default=None)
     r.add_argument("--captions-per-image", type=_positive_int, default=1, help="captions per image and prompt (default 1)")
-    r.add_argument("--timeout", type=_positive_float, default=60.0, help="seconds per request before it is abandoned and retried")
+    r.add_argument("--timeout", type=_positive_float, default=60.0,
+                   help="longest a request may take before it is abandoned and retried (default 60); once the run "
+                        "has 20 answers, a request is abandoned sooner, after 4x their 99th-percentile latency "
+                        "(at least 1 s)")
     r.add_argument("--rpm", type=_non_negative_float, default=None, help="requests per minute (default: learn from headers)")
     r.add_argument("--tpm", type=_non_negative_float, default=None, help="tokens per minute (default: learn from headers)")
     r.add_argument("--max-attempts", type=_positive_int, default=6, help="attempts per image before it goes to errors.csv")
@@ -207,6 +210,9 @@ def build_parser(prog: str = "python -m pipeline") -> argparse.ArgumentParser:
     r.add_argument("--http-client", choices=["aiohttp", "httpx"], default="aiohttp", help=argparse.SUPPRESS)
     # --concurrency as a fixed pool even for a server without rate-limit headers (benchmarks sweep with it)
     r.add_argument("--fixed-concurrency", action="store_true", help=argparse.SUPPRESS)
+    r.add_argument("--no-hedge", action="store_true",
+                   help="never send a second request for one that is out far longer than the rest near the end "
+                        "of a run (hedging is on by default, off under --rpm/--tpm, learned limits or --max-cost)")
 
     s = sub.add_parser("status", help="how far a run's output folder is, from its files alone")
     s.add_argument("--out", required=True, type=Path)
@@ -296,6 +302,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
             hold_final_s=a.hold_final,
             outage_timeout=a.outage_timeout,
             adaptive=not a.fixed_concurrency,
+            hedge=not a.no_hedge,
         ),
         prices=PriceConfig(price_in=a.price_in, price_cached_in=a.price_cached_in, price_out=a.price_out,
                            pricing_file=a.pricing_file),
@@ -312,17 +319,35 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
 # --- commands ---------------------------------------------------------------------------------------------
 
 def cmd_prepare(a: argparse.Namespace) -> int:
-    from pipeline.data.index import build_index, write_index
+    import time
+
+    from pipeline.data.index import image_json, scan_index, write_index
 
     splits = {s.strip() for s in a.splits.split(",") if s.strip()} if a.splits else None
-    index = build_index(a.root, a.dataset, splits=splits, skip_junk=a.skip_junk,
-                        follow_symlinks=a.follow_symlinks)
-    write_index(index, a.out)
+    last = [time.monotonic()]
+
+    def every_2s(line: str) -> None:  # a progress line on stderr: a million images take a while
+        now = time.monotonic()
+        if now - last[0] >= 2.0:
+            last[0] = now
+            print(line, file=sys.stderr, flush=True)
+
+    root, dataset, images = scan_index(a.root, a.dataset, splits=splits, skip_junk=a.skip_junk,
+                                       follow_symlinks=a.follow_symlinks,
+                                       progress=lambda n: every_2s(f"listed {n:,} files ..."))
+    total = len(images)
+
+    def progress(done: int) -> None:
+        every_2s(f"indexed {done:,} of {total:,} images ...")
+
+    # streamed: one image's JSON at a time, never the whole index as dicts or text
+    write_index({"root": str(root), "dataset": dataset, "images": (image_json(im) for im in images)},
+                a.out, progress=progress)
     by_split: dict[str, int] = {}
-    for img in index["images"]:
-        by_split[str(img.get("split"))] = by_split.get(str(img.get("split")), 0) + 1
+    for im in images:
+        by_split[str(im.split)] = by_split.get(str(im.split), 0) + 1
     parts = ", ".join(f"{k} {v:,}" for k, v in sorted(by_split.items()))
-    print(f"indexed {len(index['images']):,} images of {index['dataset']} ({parts}) -> {a.out}")
+    print(f"indexed {total:,} images of {dataset} ({parts}) -> {a.out}")
     return 0
 
 

@@ -38,6 +38,7 @@ class LimitConfig:
     hold_final_s: float = 30.0  # ... and once the run has ended: how long to retry before the pending file
     outage_timeout: float = 300.0  # seconds the server may stay unreachable mid-run before the run stops
     adaptive: bool = True  # without --rpm/--tpm or rate-limit headers, --concurrency is a ceiling (run.adaptive)
+    hedge: bool = True  # --no-hedge: no second request for a straggler near the end of the work (run.tail)
 
 
 @dataclass

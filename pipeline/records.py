@@ -22,7 +22,8 @@ class IndexEntry:
     (kept exactly as written: the user's scripts key on it). `position` is its place in the index
     (0-based); the part file of an image is `position // batch_size`. `extra` holds an index object's
     other fields (carried into the JSONL export); None when there are none, so a plain index costs no
-    more memory per image.
+    more memory per image. A loaded index does not hold these: `pipeline.data.index.IndexEntries` keeps
+    compact arrays and makes an `IndexEntry` (with its `path`) only when one is asked for.
     """
 
     image_id: str

@@ -1,4 +1,8 @@
-"""The rate limiter with small rates. Tolerant timing: count what finished within a window."""
+"""The rate limiter with small rates. Tolerant timing: count what finished within a window.
+
+Pacing is GCRA with no burst (requests leave evenly spaced at safety x the limit); the exact schedule math
+is tested with a fake clock in tests/test_pacing.py.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import time
 
 import pytest
 
-from pipeline.run.limits import RateLimiter
+from pipeline.run.limits import DEFAULT_SAFETY, RateLimiter
 
 
 @pytest.fixture
@@ -42,19 +46,19 @@ def test_configured_limits_are_reported_as_is():
 
 @pytest.mark.anyio
 async def test_rpm_paces_requests():
-    rl = RateLimiter(600, None)  # 10/s, a burst of at most one second's worth (10)
+    rl = RateLimiter(1200, None, safety=1.0)  # 20/s, evenly: one every 50 ms, no burst
     start = time.monotonic()
     tasks = [asyncio.create_task(rl.acquire(0)) for _ in range(30)]
-    done_at_1s = await _count_done_after(tasks, 1.05)
+    done_at_half = await _count_done_after(tasks, 0.52)
     await asyncio.wait_for(asyncio.gather(*tasks), 5)
     elapsed = time.monotonic() - start
-    assert 14 <= done_at_1s <= 23  # 10 at once + ~10 in the first second, never the whole 30
-    assert 1.6 <= elapsed <= 3.0  # 20 after the burst at 10/s
+    assert 8 <= done_at_half <= 13  # ~11 in the first half second (0, 50, ..., 500 ms), never a burst
+    assert 1.3 <= elapsed <= 2.5  # the 30th at 29 x 50 ms
 
 
 @pytest.mark.anyio
 async def test_tiny_rpm_still_admits_one_request():
-    rl = RateLimiter(30, None)  # 0.5/s: the bucket must still hold one request
+    rl = RateLimiter(30, None)  # 0.5/s: the first request goes at once, the next ~2 s later
     await asyncio.wait_for(rl.acquire(0), 0.5)
     second = asyncio.create_task(rl.acquire(0))
     await asyncio.sleep(0.3)
@@ -67,23 +71,20 @@ async def test_tiny_rpm_still_admits_one_request():
 
 @pytest.mark.anyio
 async def test_tpm_give_back_lets_the_next_request_through():
-    rl = RateLimiter(None, 6000)  # 100 tokens/s, bucket of 100
-    first = await asyncio.wait_for(rl.acquire(100), 0.5)
-    waiter = asyncio.create_task(rl.acquire(100))
-    await asyncio.sleep(0.1)
-    assert not waiter.done()  # the bucket is full for ~1 s
+    rl = RateLimiter(None, 6000, safety=1.0)  # 100 tokens/s
+    first = await asyncio.wait_for(rl.acquire(100), 0.5)  # moves the token schedule on by 1 s
     rl.correct(first, 0)  # the answer used nothing (e.g. a 429): give it all back
-    await asyncio.wait_for(waiter, 0.3)  # woken early, not after the old timer
+    await asyncio.wait_for(rl.acquire(100), 0.3)  # the next one goes at once
 
 
 @pytest.mark.anyio
 async def test_tpm_charges_more_when_the_answer_used_more():
-    rl = RateLimiter(None, 6000)
+    rl = RateLimiter(None, 6000, safety=1.0)
     r = await rl.acquire(100)
-    rl.correct(r, 150)  # 50 more than reserved: level 150
+    rl.correct(r, 150)  # 50 more than reserved: the schedule is 1.5 s ahead
     start = time.monotonic()
-    await asyncio.wait_for(rl.acquire(10), 3)  # needs the level at 90: ~0.6 s
-    assert 0.4 <= time.monotonic() - start <= 1.2
+    await asyncio.wait_for(rl.acquire(10), 3)
+    assert 1.2 <= time.monotonic() - start <= 2.0
 
 
 @pytest.mark.anyio
@@ -98,17 +99,17 @@ async def test_correct_settles_once():
 
 @pytest.mark.anyio
 async def test_large_estimate_does_not_deadlock():
-    rl = RateLimiter(None, 60_000, burst_s=0.1)  # 1000 tokens/s, bucket of only 100
-    big = await asyncio.wait_for(rl.acquire(600), 0.5)  # 6x the bucket: taken at once, excess is debt
+    rl = RateLimiter(None, 60_000, safety=1.0)  # 1000 tokens/s
+    big = await asyncio.wait_for(rl.acquire(600), 0.5)  # goes at once, the schedule moves on by 0.6 s
     assert big.charged_tokens == 600
     start = time.monotonic()
-    await asyncio.wait_for(rl.acquire(50), 3)  # waits out the debt: level 600 -> 50 at 1000/s
-    assert 0.35 <= time.monotonic() - start <= 1.2
+    await asyncio.wait_for(rl.acquire(50), 3)  # waits out the 600 tokens
+    assert 0.45 <= time.monotonic() - start <= 1.2
 
 
 @pytest.mark.anyio
 async def test_large_estimate_is_not_starved_by_small_ones():
-    rl = RateLimiter(None, 6000)  # 100/s, bucket 100
+    rl = RateLimiter(None, 6000, safety=1.0)  # 100/s
     await rl.acquire(100)
     big = asyncio.create_task(rl.acquire(300))
     await asyncio.sleep(0)
@@ -147,9 +148,8 @@ async def test_pause_extends_never_shortens():
 
 @pytest.mark.anyio
 async def test_pause_reaches_requests_already_waiting_in_a_bucket():
-    rl = RateLimiter(600, None)  # 10/s
-    for _ in range(10):
-        await rl.acquire(0)  # bucket full
+    rl = RateLimiter(600, None, safety=1.0)  # 10/s
+    await rl.acquire(0)
     waiter = asyncio.create_task(rl.acquire(0))  # would go in ~0.1 s
     await asyncio.sleep(0.02)
     rl.pause(0.5)
@@ -159,7 +159,7 @@ async def test_pause_reaches_requests_already_waiting_in_a_bucket():
 
 @pytest.mark.anyio
 async def test_no_burst_after_a_pause():
-    rl = RateLimiter(6000, None)  # 100/s, bucket 100
+    rl = RateLimiter(6000, None, safety=1.0)  # 100/s
     rl.pause(0.3)
     tasks = [asyncio.create_task(rl.acquire(0)) for _ in range(60)]
     done = await _count_done_after(tasks, 0.5)  # 0.2 s after the pause: ~20 at the steady rate, not 60
@@ -183,8 +183,9 @@ OPENAI_HEADERS = {
 def test_limits_are_learned_from_headers_with_safety():
     rl = RateLimiter(None, None)
     rl.observe_headers(OPENAI_HEADERS)
-    assert rl.rpm_limit == pytest.approx(600 * 0.97)
-    assert rl.tpm_limit == pytest.approx(200_000 * 0.97)
+    assert rl.rpm_limit == 600 and rl.tpm_limit == 200_000
+    assert rl.pace_rpm == pytest.approx(600 * DEFAULT_SAFETY)  # the same margin as a given limit
+    assert rl.pace_tpm == pytest.approx(200_000 * DEFAULT_SAFETY)
     assert rl.paused_until == 0.0  # plenty remaining: no pause
     assert rl.snapshot.limit_requests == 600
 
@@ -199,8 +200,8 @@ def test_learning_follows_a_changed_limit():
 @pytest.mark.parametrize(
     ("rpm", "tpm", "learn", "expected"),
     [
-        (100, None, True, (100, 200_000 * 0.97)),  # configured rpm wins, tpm learned
-        (None, 5000, True, (600 * 0.97, 5000)),
+        (100, None, True, (100, 200_000)),  # configured rpm wins, tpm learned
+        (None, 5000, True, (600, 5000)),
         (None, None, False, (None, None)),  # learning off: unlimited stays unlimited
         (100, 5000, False, (100, 5000)),
     ],
@@ -244,38 +245,37 @@ async def test_unlimited_limiter_never_waits():
 @pytest.mark.anyio
 async def test_learned_limit_is_enforced():
     rl = RateLimiter(None, None, safety=1.0)
-    rl.observe_headers({"x-ratelimit-limit-requests": "600"})  # 10/s
+    rl.observe_headers({"x-ratelimit-limit-requests": "1200"})  # 20/s
     start = time.monotonic()
     await asyncio.wait_for(asyncio.gather(*(rl.acquire(0) for _ in range(15))), 3)
-    assert 0.35 <= time.monotonic() - start <= 1.2  # 10 at once, 5 more at 10/s
+    assert 0.6 <= time.monotonic() - start <= 1.3  # evenly: the 15th at 14 x 50 ms
 
 
 @pytest.mark.parametrize(
     ("headers", "pause_s"),
     [
-        # exhausted: linear refill of one burst (600/60 x 1 s = 10 requests) out of 600 over 60 s = 1 s
+        # exhausted: linear refill of the one request we need, out of 600 over 60 s = 0.1 s
         ({"x-ratelimit-limit-requests": "600", "x-ratelimit-remaining-requests": "0",
-          "x-ratelimit-reset-requests": "60s"}, 1.0),
-        # nearly exhausted: 5 short of a burst -> half of that
+          "x-ratelimit-reset-requests": "60s"}, 0.1),
+        # not exhausted (even if low): pacing keeps us under, no reaction that would cost throughput
         ({"x-ratelimit-limit-requests": "600", "x-ratelimit-remaining-requests": "5",
-          "x-ratelimit-reset-requests": "59.5s"}, 0.5),
-        # a short reset means a fast refill: 10 of 600 back in 200 ms x 10/600
-        ({"x-ratelimit-limit-requests": "600", "x-ratelimit-remaining-requests": "0",
-          "x-ratelimit-reset-requests": "200ms"}, 0.2 * 10 / 600),
+          "x-ratelimit-reset-requests": "59.5s"}, 0.0),
         # no limit header: only exhaustion counts, and we wait the whole reset
         ({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "2s"}, 2.0),
         ({"x-ratelimit-remaining-requests": "3", "x-ratelimit-reset-requests": "2s"}, 0.0),
-        # tokens: 60,000/min -> a burst of 1,000; 0 remaining of 60,000, full in 60 s -> 1 s
+        # tokens: 0 remaining of 60,000, full in 60 s; the next request needs 600 (its estimate) -> 0.6 s
         ({"x-ratelimit-limit-tokens": "60000", "x-ratelimit-remaining-tokens": "0",
-          "x-ratelimit-reset-tokens": "1m0s"}, 1.0),
+          "x-ratelimit-reset-tokens": "1m0s"}, 0.6),
         ({"x-ratelimit-limit-tokens": "60000", "x-ratelimit-remaining-tokens": "50000",
           "x-ratelimit-reset-tokens": "10s"}, 0.0),
         # remaining but no reset: nothing to go by
         ({"x-ratelimit-limit-requests": "600", "x-ratelimit-remaining-requests": "0"}, 0.0),
     ],
 )
-def test_low_remaining_pauses_until_refilled(headers, pause_s):
+@pytest.mark.anyio
+async def test_low_remaining_pauses_until_refilled(headers, pause_s):
     rl = RateLimiter(None, None, learn=False)
+    await rl.acquire(600)  # the last estimate is what the next request needs
     before = time.monotonic()
     rl.observe_headers(headers)
     if pause_s == 0.0:
@@ -284,17 +284,19 @@ def test_low_remaining_pauses_until_refilled(headers, pause_s):
         assert rl.paused_until - before == pytest.approx(pause_s, abs=0.05)
 
 
-def test_refill_pause_never_exceeds_the_reset():
-    rl = RateLimiter(None, None, learn=False, burst_s=120.0)  # wants two minutes' worth: more than the bucket
+@pytest.mark.anyio
+async def test_refill_pause_never_exceeds_the_reset():
+    rl = RateLimiter(None, None, learn=False)
+    await rl.acquire(5000)  # needs more than the whole window refills in its reset
     before = time.monotonic()
-    rl.observe_headers({"x-ratelimit-limit-requests": "600", "x-ratelimit-remaining-requests": "0",
-                        "x-ratelimit-reset-requests": "300ms"})
+    rl.observe_headers({"x-ratelimit-limit-tokens": "1000", "x-ratelimit-remaining-tokens": "0",
+                        "x-ratelimit-reset-tokens": "300ms"})
     assert rl.paused_until - before == pytest.approx(0.3, abs=0.05)
 
 
 @pytest.mark.anyio
 async def test_remaining_tokens_below_the_next_request_pauses():
-    rl = RateLimiter(None, None, learn=False, burst_s=0.01)
+    rl = RateLimiter(None, None, learn=False)
     await rl.acquire(3000)  # the last estimate is what the next request needs
     before = time.monotonic()
     rl.observe_headers({"x-ratelimit-limit-tokens": "100000", "x-ratelimit-remaining-tokens": "1000",
@@ -317,7 +319,7 @@ async def test_reservation_taken_before_learning_is_not_corrected():
     rl = RateLimiter(None, None, safety=1.0)
     r = await rl.acquire(500)
     assert r.charged_tokens == 0
-    rl.observe_headers({"x-ratelimit-limit-tokens": "6000"})  # now 100/s, bucket 100
+    rl.observe_headers({"x-ratelimit-limit-tokens": "6000"})  # now 100/s
     rl.correct(r, 0)  # nothing was charged to the new bucket, so nothing is given back
     await asyncio.wait_for(rl.acquire(100), 0.3)
     waiter = asyncio.create_task(rl.acquire(100))
@@ -346,7 +348,7 @@ async def test_probe_holds_the_pool_until_the_first_answer_teaches_the_limit():
                                  "x-ratelimit-reset-requests": "10ms"})
         limiter.correct(first, 100)
     assert sorted(started) == list(range(5))
-    assert limiter.rpm_limit == pytest.approx(6000 * 0.97)
+    assert limiter.rpm_limit == 6000 and limiter.pace_rpm == pytest.approx(6000 * DEFAULT_SAFETY)
 
 
 @pytest.mark.anyio

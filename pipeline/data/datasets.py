@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -277,6 +278,12 @@ def check_splits(splits: set[str] | frozenset[str] | None) -> frozenset[str] | N
 # --------------------------------------------------------------------------------------------- walking
 
 
+# Files listed so far, told after each folder while `scan_dataset(progress=...)` runs (a context
+# variable rather than a parameter threaded through every dataset's scanner).
+_SCAN_PROGRESS: ContextVar[Callable[[int], None] | None] = ContextVar("scan_progress", default=None)
+_SCAN_SEEN: ContextVar[list[int] | None] = ContextVar("scan_seen", default=None)
+
+
 def _walk_images(folder: Path, prefix: str) -> Iterator[str]:
     """Relative `/` paths (prefixed) of the images under `folder`, recursive.
 
@@ -284,7 +291,11 @@ def _walk_images(folder: Path, prefix: str) -> Iterator[str]:
     times faster; symlinked sub-folders are not followed (no cycles).
     """
     top = os.fspath(folder)
+    progress, seen = _SCAN_PROGRESS.get(), _SCAN_SEEN.get()
     for dirpath, dirnames, filenames in os.walk(top):
+        if progress is not None and seen is not None:
+            seen[0] += len(filenames)
+            progress(seen[0])
         dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__MACOSX"]
         rel_dir = os.path.relpath(dirpath, top)
         rel_prefix = prefix if rel_dir == "." else prefix + rel_dir.replace(os.sep, "/") + "/"
@@ -516,12 +527,23 @@ def _scan_folder(root: Path, splits: frozenset[str] | None) -> list[DatasetImage
     return images
 
 
-def scan_dataset(root: Path, dataset: str, splits: set[str] | frozenset[str] | None = None) -> list[DatasetImage]:
+def scan_dataset(root: Path, dataset: str, splits: set[str] | frozenset[str] | None = None,
+                 progress: Callable[[int], None] | None = None) -> list[DatasetImage]:
     """All images of `root` read as `dataset` (a name from DATASETS, not "auto"), sorted by image_id.
 
     `splits` None means the dataset's natural splits (everything except Market's gt_bbox). Duplicates
     (an MSMT17 image listed twice) keep their first occurrence, so image_id stays unique.
+    `progress(files listed so far)` is called after each folder listed.
     """
+    tokens = (_SCAN_PROGRESS.set(progress), _SCAN_SEEN.set([0]))
+    try:
+        return _scan_dataset(root, dataset, splits)
+    finally:
+        _SCAN_SEEN.reset(tokens[1])
+        _SCAN_PROGRESS.reset(tokens[0])
+
+
+def _scan_dataset(root: Path, dataset: str, splits: set[str] | frozenset[str] | None) -> list[DatasetImage]:
     wanted = check_splits(splits)
     base = dataset_base(root)
     if dataset == "market1501":

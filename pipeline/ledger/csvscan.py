@@ -225,6 +225,9 @@ class _LineNumbers:
         return self.line
 
 
+Validator = _Validator  # public: the fast path of `pipeline.ledger.outputs` validates rows the same way
+
+
 # --- the scan ------------------------------------------------------------------------------------------
 
 def scan(data: bytes, patterns: dict[str, str] | None = None) -> Scan:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from pipeline.ledger.csvscan import BOM
 from pipeline.ledger.outputs import ATTRIBUTES, CAPTIONS_ALL, ERRORS, PART_GLOB
@@ -49,17 +49,23 @@ def file_bom(path: Path) -> bool | None:
 
 def csv_files(out_dir: Path) -> list[Path]:
     """The CSV files a run writes in `out_dir`, captions_all.csv first, then errors, attributes, the parts."""
+    return list(iter_csv_files(out_dir))
+
+
+def iter_csv_files(out_dir: Path) -> Iterator[Path]:
+    """`csv_files`, lazily: the first file with bytes decides (`folder_bom`), so 50,000 parts are
+    listed only when none of the first files has any."""
     out_dir = Path(out_dir)
-    paths = [out_dir / name for name in _FIRST_NAMES]
+    for name in _FIRST_NAMES:
+        yield out_dir / name
     if out_dir.is_dir():
-        paths += sorted(out_dir.glob(PART_GLOB))
-    return paths
+        yield from sorted(out_dir.glob(PART_GLOB))
 
 
 def folder_bom(out_dir: Path, recorded: object = None) -> bool | None:
     """The encoding the folder was started with: its first CSV file with bytes in it decides; without
     one, what the manifest recorded (`csv_bom`, when a bool); None for a new folder."""
-    return first_known((file_bom(p) for p in csv_files(out_dir)), recorded)
+    return first_known((file_bom(p) for p in iter_csv_files(out_dir)), recorded)
 
 
 def first_known(found: Iterable[bool | None], recorded: object = None) -> bool | None:

@@ -27,6 +27,7 @@ from pipeline.ledger.cells import cost_cell, cost_value
 from pipeline.ledger.cells import float_cell as _float
 from pipeline.ledger.cells import int_cell as _int
 from pipeline.ledger.costs import Spent, rows_spent
+from pipeline.ledger.donekeys import DistinctStrings, DoneKeys
 from pipeline.records import AttributeRow, CaptionRow, ErrorRow
 
 CAPTIONS_ALL = "captions_all.csv"
@@ -277,6 +278,106 @@ def read_table(path: Path, *, repair: bool = False, expect_columns: list[str] | 
 
 Key = tuple[str, str, int]  # (image_id, prompt_name, caption_index)
 
+# positions of the columns read for the done set, in CAPTION_COLUMNS order
+_I_ID, _I_PTOK, _I_CTOK, _I_COST, _I_PNAME, _I_INDEX = (
+    CAPTION_COLUMNS.index(c)
+    for c in ("image_id", "prompt_tokens", "completion_tokens", "cost_usd", "prompt_name", "caption_index")
+)
+
+
+@dataclass
+class CaptionTally:
+    """What captions_all.csv says, gathered row by row without keeping a row: the done keys (as
+    digests, `pipeline.ledger.donekeys`), the distinct images, the spent money and the answer lengths."""
+
+    keys: DoneKeys = field(default_factory=DoneKeys)
+    images: DistinctStrings | None = None  # distinct images, when asked for (status): 8 bytes each
+    rows: int = 0
+    usd: float = 0.0
+    unknown: int = 0
+    completion_tokens: int = 0  # sum over rows with completion_tokens > 0 (the dry-run's answer length)
+    measured_rows: int = 0  # rows with completion_tokens > 0
+
+    def add(self, rec: list[str]) -> None:
+        """One record in CAPTION_COLUMNS order (a file with older columns is mapped first)."""
+        image_id = rec[_I_ID]
+        self.keys.add((image_id, rec[_I_PNAME] or "base", _int(rec[_I_INDEX])))
+        if self.images is not None:
+            self.images.add(image_id)
+        self.rows += 1
+        ctok = _int(rec[_I_CTOK])
+        if ctok > 0:
+            self.completion_tokens += ctok
+            self.measured_rows += 1
+        cost = cost_value(rec[_I_COST])
+        if cost is None:
+            if ctok > 0 or _int(rec[_I_PTOK]) > 0:
+                self.unknown += 1
+        else:
+            self.usd += cost
+
+    def add_dicts(self, rows: Iterable[dict[str, str]]) -> None:
+        for d in rows:
+            self.add([d.get(c) or "" for c in CAPTION_COLUMNS])
+
+
+def tally_clean_captions(path: Path, *, count_images: bool = False) -> CaptionTally | None:
+    """One streaming pass of the `csv` module over captions_all.csv, keeping no row (the fast path).
+
+    Returns None when the file is not clean with the current header: missing, another header (older
+    columns: a migration), a row that fails the scanner's validation (damage), a torn tail or bytes that
+    are not UTF-8. The caller then takes the careful path (`read_table`, which holds the file's bytes),
+    so damage is handled exactly as before; a clean file is read in one pass in about the time the
+    `csv` module needs, with memory for the digests only. `count_images`: also count distinct images.
+    """
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return None
+        with open(path, "rb") as fb:
+            fb.seek(size - 1)
+            if fb.read(1) != b"\n":
+                return None  # a torn tail (or no terminator at all): the careful path cuts it
+        tally = CaptionTally(images=DistinctStrings() if count_images else None)
+        with open(path, encoding=ENCODING_READ, newline="") as fh:
+            reader = csv.reader(fh, strict=True)
+            header = next(reader, None)
+            if header != CAPTION_COLUMNS:
+                return None
+            valid = csvscan.Validator(header, csvscan.COLUMN_PATTERNS)
+            # `CaptionTally.add` inlined (a million rows): the validator has checked every typed cell, so
+            # a number cell is digits or empty and a cost cell a float or empty
+            add_key = tally.keys.add_key
+            add_image = tally.images.add if tally.images is not None else None
+            rows = measured = ctoks = unknown = 0
+            usd = 0.0
+            i_id, i_pn, i_ix, i_pt, i_ct, i_cost = _I_ID, _I_PNAME, _I_INDEX, _I_PTOK, _I_CTOK, _I_COST
+            for rec in reader:
+                if not rec:
+                    continue
+                if not valid(rec):
+                    return None
+                image_id, index = rec[i_id], rec[i_ix]
+                add_key(image_id, rec[i_pn] or "base", int(index) if index else 0)
+                if add_image is not None:
+                    add_image(image_id)
+                rows += 1
+                ct = rec[i_ct]
+                ctok = int(ct) if ct else 0
+                if ctok > 0:
+                    ctoks += ctok
+                    measured += 1
+                cost = rec[i_cost]
+                if cost:
+                    usd += float(cost)
+                elif ctok > 0 or (rec[i_pt] and int(rec[i_pt]) > 0):
+                    unknown += 1
+            tally.rows, tally.measured_rows, tally.completion_tokens = rows, measured, ctoks
+            tally.usd, tally.unknown = usd, unknown
+        return tally
+    except (OSError, csv.Error, UnicodeDecodeError, ValueError):
+        return None
+
 
 @dataclass
 class DoneRead:
@@ -286,18 +387,22 @@ class DoneRead:
     are never done (they are retried) but their billed answers are spent money, so `cost_usd` (and
     `spent`) is the sum over captions, attributes *and* errors (see `pipeline.ledger.costs`). The writer
     reads this on start (resume, the budget), and status and the dry-run read it too, so all count alike.
+    No caption row is kept: the keys are digests (`pipeline.ledger.donekeys`, 8 bytes a key) and what
+    status and the dry-run need of the rows (counts, sums) is gathered in the same pass.
     """
 
-    keys: set[Key]
-    images: set[str]
+    keys: DoneKeys
+    images: DistinctStrings | None  # distinct images captioned (None: not counted, `count_images=False`)
     cost_usd: float  # known part of the folder's spent total (captions + attributes + errors)
-    caption_rows: list[dict[str, str]]  # captions_all.csv, whole rows only
+    caption_count: int  # whole rows of captions_all.csv
     attribute_rows: int
     cut_bytes: dict[str, int]  # file name -> torn tail cut (repair) or skipped
     bad_rows: int
     cost_unknown: int = 0  # billed rows whose cost cell is empty (price unknown when they were written)
     errors_cost_usd: float = 0.0  # the part of cost_usd paid for answers that are in errors.csv
     error_rows: list[dict[str, str]] = field(default_factory=list)  # errors.csv, whole rows only
+    completion_tokens: int = 0  # sum of completion_tokens over caption rows that have some
+    measured_rows: int = 0  # caption rows with completion_tokens > 0
 
     @property
     def spent(self) -> "Spent":
@@ -306,25 +411,44 @@ class DoneRead:
 
     @property
     def rows(self) -> int:
-        return len(self.caption_rows) + self.attribute_rows
+        return self.caption_count + self.attribute_rows
 
 
-def read_done(out_dir: Path, *, repair: bool = False, attributes: bool = True) -> DoneRead:
-    """Read captions_all.csv (and attributes.csv unless `attributes` is False) into a DoneRead."""
+def read_done(
+    out_dir: Path,
+    *,
+    repair: bool = False,
+    attributes: bool = True,
+    captions: CaptionTally | None = None,
+    count_images: bool = True,
+) -> DoneRead:
+    """Read captions_all.csv (and attributes.csv unless `attributes` is False) into a DoneRead.
+
+    captions_all.csv takes the one-pass fast path when it is clean (`tally_clean_captions`), else the
+    careful scan. `captions`: the tally already made of it (recovery's pass), so it is not read again.
+    `count_images`: count distinct images too (status); a run does not need it.
+    """
     out_dir = Path(out_dir)
-    captions = read_table(out_dir / CAPTIONS_ALL, repair=repair, expect_columns=CAPTION_COLUMNS)
-    done = DoneRead(set(), set(), 0.0, captions.rows, 0, {CAPTIONS_ALL: captions.cut_bytes}, captions.bad_rows)
-    spent = rows_spent(captions.rows)
-    for d in captions.rows:
-        row = caption_from_dict(d)
-        done.keys.add(row.key)
-        done.images.add(row.image_id)
+    if captions is not None and count_images and captions.images is None:
+        captions = None  # made without the images: read again
+    tally = captions if captions is not None else tally_clean_captions(out_dir / CAPTIONS_ALL,
+                                                                          count_images=count_images)
+    cut, bad = 0, 0
+    if tally is None:
+        table = read_table(out_dir / CAPTIONS_ALL, repair=repair, expect_columns=CAPTION_COLUMNS)
+        tally = CaptionTally(images=DistinctStrings() if count_images else None)
+        tally.add_dicts(table.rows)
+        cut, bad = table.cut_bytes, table.bad_rows
+    done = DoneRead(tally.keys, tally.images, 0.0, tally.rows, 0, {CAPTIONS_ALL: cut}, bad,
+                    completion_tokens=tally.completion_tokens, measured_rows=tally.measured_rows)
+    spent = Spent(tally.usd, tally.unknown)
     if attributes:
         attrs = read_table(out_dir / ATTRIBUTES, repair=repair)
         for d in attrs.rows:
             image_id = d.get("image_id", "")
             done.keys.add((image_id, d.get("prompt_name") or "", _int(d.get("caption_index"))))
-            done.images.add(image_id)
+            if done.images is not None:
+                done.images.add(image_id)
         spent += rows_spent(attrs.rows)
         done.attribute_rows = len(attrs.rows)
         done.cut_bytes[ATTRIBUTES] = attrs.cut_bytes

@@ -23,6 +23,12 @@ Every file written or rewritten here follows the folder's encoding (`pipeline.le
 rewrite keeps the file's own BOM-or-not (quarantine copies its bytes, a migration or a rebuilt part asks
 `bom_for`), a new file gets the folder's (`bom`).
 
+The fast path: when no pending file waits, the parts are as the last run's end recorded them in step
+(`pipeline.ledger.partstate`: one `stat` per part) and captions_all.csv reads clean with the current header
+in one streaming pass, steps 1-5 have nothing to do for the captions; that pass is also the done set
+(`Recovery.captions`), so a resume reads captions_all.csv once and no part at all. Anything else (a run
+killed, a part deleted or edited, a torn tail, another --batch-size or index) takes the steps above.
+
 errors.csv is append-only across runs: it is repaired, never reset. The decisions are pure functions
 (`missing_from`, `plan_parts`, `header_change`); `recover_folder` does the I/O around them.
 """
@@ -32,12 +38,12 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Union
 
 from pipeline.errors import OutputError
-from pipeline.ledger import appendfile
+from pipeline.ledger import appendfile, partstate
 from pipeline.ledger.encoding import bom_for
-from pipeline.ledger.pending import merge_pending
+from pipeline.ledger.pending import find_pending, merge_pending
 from pipeline.ledger.outputs import (
     ATTRIBUTE_ROW_COLUMNS,
     ATTRIBUTES,
@@ -46,11 +52,13 @@ from pipeline.ledger.outputs import (
     ERROR_COLUMNS,
     ERRORS,
     PART_GLOB,
+    CaptionTally,
     Table,
     attribute_columns_for,
     part_digits,
     part_name,
     read_table,
+    tally_clean_captions,
     write_csv_atomic,
 )
 
@@ -58,6 +66,8 @@ Row = dict[str, str]
 Key = tuple[str, str, int]
 MAX_PART_NOTES = 5  # more part files changed than this: one summary line instead of one line each
 PART_PREFIX = "captions_part_"
+# image_id -> index position: a mapping, or a function making it (called only when parts must be planned)
+Positions = Union[Mapping[str, int], Callable[[], Mapping[str, int]]]
 
 
 @dataclass
@@ -66,6 +76,7 @@ class Recovery:
 
     notes: list[str] = field(default_factory=list)
     attribute_fields: list[str] = field(default_factory=list)
+    captions: CaptionTally | None = None  # the fast path's one pass over captions_all.csv (else None)
 
 
 def row_key(d: Row) -> Key:
@@ -121,7 +132,7 @@ def plan_parts(all_rows: Iterable[Row], positions: Mapping[str, int], batch_size
     """The rows each part file should hold: captions_all.csv's rows, by index position // batch_size.
 
     Part numbers have the width the whole index needs (`part_digits`), whatever rows are done yet."""
-    digits = part_digits(max(positions.values(), default=0), batch_size)
+    digits = part_digits(last_position_of(positions), batch_size)
     plan: dict[str, list[Row]] = defaultdict(list)
     for d in all_rows:
         pos = positions.get(d.get("image_id", ""))
@@ -150,10 +161,12 @@ def recover_folder(
     out_dir: Path,
     *,
     batch_size: int,
-    positions: Mapping[str, int],
+    positions: Positions,
     attribute_fields: list[str] | None = None,
     previous_batch_size: int | None = None,
     bom: bool = False,
+    index_key: str | None = None,
+    last_position: int | None = None,
 ) -> Recovery:
     """Bring the folder to a state a run can append to; see the module docstring for the steps.
 
@@ -161,11 +174,20 @@ def recover_folder(
     result's `attribute_fields` is what the writer must write). `bom`: the folder's encoding, for files
     made new here (`pipeline.ledger.encoding.decide`). Raises OutputError (one line) for a file that is
     not ours or that cannot be rewritten.
+
+    `index_key` (the index file's fingerprint) and `last_position` (the index's last position) allow
+    the fast path (`_fast_captions`): nothing to recover is known from `stat`s and one clean pass over
+    captions_all.csv, whose tally the result carries (`captions`) so the caller does not read it again.
+    `positions` may be a function: the mapping is made only when parts must be planned.
     """
     out_dir = Path(out_dir)
     fields = list(attribute_fields or [])
     notes: list[str] = []
-    all_rows, parts = _captions(out_dir, notes)
+    fast = _fast_captions(out_dir, batch_size, positions, index_key, last_position)
+    if fast is not None:
+        all_rows, parts = [], {}
+    else:
+        all_rows, parts = _captions(out_dir, notes)
     errors = _repair(out_dir / ERRORS, notes)
     if errors:
         _migrate(out_dir / ERRORS, errors, ERROR_COLUMNS, notes)
@@ -173,14 +195,47 @@ def recover_folder(
     if attrs and fields:  # only a run that writes attributes.csv changes its columns
         fields = merged_attribute_fields(attrs.header, fields)
         _migrate(out_dir / ATTRIBUTES, attrs, attribute_columns_for(fields), notes)
+    if fast is not None:  # no pending file (checked), parts in step, captions_all.csv clean: done
+        return Recovery(notes, fields, captions=fast)
     merged = merge_pending(out_dir, bom)
     if merged:
         notes += merged
         all_rows, parts = _captions(out_dir, notes)
 
+    positions = _positions(positions)
     all_rows = all_rows + _restore(out_dir, all_rows, parts, notes, bom)
     notes += _reconcile_parts(out_dir, all_rows, parts, positions, batch_size, previous_batch_size, bom)
+    partstate.record(out_dir, batch_size=batch_size, digits=part_digits(last_position_of(positions), batch_size),
+                     index_key=index_key)
     return Recovery(notes, fields)
+
+
+def _positions(positions: Positions) -> Mapping[str, int]:
+    return positions() if callable(positions) else positions
+
+
+def last_position_of(positions: Mapping[str, int]) -> int:
+    """The index's last position: positions are the whole index's, 0..n-1 (a dict is asked, in C)."""
+    if isinstance(positions, dict):
+        return max(positions.values(), default=0)
+    return max(0, len(positions) - 1)
+
+
+def _fast_captions(
+    out_dir: Path, batch_size: int, positions: Positions, index_key: str | None, last_position: int | None
+) -> CaptionTally | None:
+    """The start's fast path: when no pending file waits, the parts are as the last run left them in
+    step (`pipeline.ledger.partstate`) and captions_all.csv is clean with the current header, steps 1-5
+    have nothing to do for the captions: one streaming pass over captions_all.csv gives what is done,
+    and no part is read. None: take the full recovery."""
+    if not index_key or find_pending(out_dir):
+        return None
+    if last_position is None:
+        last_position = last_position_of(_positions(positions))
+    digits = part_digits(last_position, batch_size)
+    if not partstate.in_step(out_dir, batch_size=batch_size, digits=digits, index_key=index_key):
+        return None
+    return tally_clean_captions(out_dir / CAPTIONS_ALL)
 
 
 def _captions(out_dir: Path, notes: list[str]) -> tuple[list[Row], dict[str, list[Row]]]:
@@ -288,10 +343,10 @@ def _reconcile_parts(
         return []
     if previous_batch_size is not None and previous_batch_size != batch_size:
         return [f"re-split parts for --batch-size {batch_size} (was {previous_batch_size})"]
-    digits = part_digits(max(positions.values(), default=0), batch_size)
+    digits = part_digits(last_position_of(positions), batch_size)
     if part_number_widths(parts) - {digits}:
         return [f"part files renamed to {digits}-digit numbers ({part_name(0, batch_size, digits)}, ...) so they "
-                f"still sort: the index now needs {max(positions.values(), default=0) // batch_size + 1:,} parts"]
+                f"still sort: the index now needs {last_position_of(positions) // batch_size + 1:,} parts"]
     if len(changes) > MAX_PART_NOTES:
         return [f"part files: {len(changes)} rebuilt or removed to match {CAPTIONS_ALL}"]
     return changes

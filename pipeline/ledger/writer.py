@@ -2,7 +2,9 @@
 
 Start (`OutputWriter.open`, before any request): check the folder is writable, recover it
 (`pipeline.ledger.recover`: held answers merged, damage quarantined, captions_all.csv rebuilt from the parts,
-parts re-split), read what is done. errors.csv is append-only across runs, never reset.
+parts re-split), read what is done (one pass over captions_all.csv when the parts are recorded in step,
+`pipeline.ledger.partstate`, which the writer records as a run ends with every answer written).
+errors.csv is append-only across runs, never reset.
 During the run (`writer_task`): take results from the one receive stream, queue them per target file
 (captions_all.csv and the image's part file, errors.csv, attributes.csv) and write every queue after each
 batch, in one thread hop, so a kill -9 loses only answers still in flight.
@@ -36,14 +38,15 @@ from pipeline.ledger import appendfile
 from pipeline.ledger.appendfile import describe_write_error
 from pipeline.ledger.encoding import FolderEncoding, decide, folder_bom
 from pipeline.ledger.pending import HeldFile, save_pending
-from pipeline.ledger.recover import recover_folder
+from pipeline.ledger import partstate
+from pipeline.ledger.recover import Positions, last_position_of, recover_folder
 from pipeline.ledger.outputs import (
     ATTRIBUTES,
     CAPTION_COLUMNS,
     CAPTIONS_ALL,
+    CaptionTally,
     ERROR_COLUMNS,
     ERRORS,
-    PART_GLOB,
     DoneRead,
     attribute_columns_for,
     attribute_row_record,
@@ -88,6 +91,7 @@ class ResumeState:
     cost_usd: float = 0.0
     repaired: list[str] = field(default_factory=list)  # human notes: torn tails cut, parts rebuilt
     read: DoneRead | None = None  # the rows behind it, for whoever needs more than the keys (dry-run)
+    todo: object = None  # index positions with work left, once the run has counted them (`scan_work`)
 
 
 def check_writable(out_dir: Path) -> None:
@@ -106,22 +110,31 @@ class OutputWriter:
         self,
         out_dir: Path,
         batch_size: int,
-        positions: dict[str, int],
+        positions: Positions,
         attribute_fields: list[str] | None = None,
         *,
         excel: bool = False,
         recorded_bom: object = None,
+        index_key: str | None = None,
+        last_position: int | None = None,
     ) -> None:
         """`excel`: start new files with a BOM (`run --excel`), if the folder has no encoding yet;
-        `recorded_bom`: the manifest's `csv_bom`, for a folder whose CSV files say nothing (none yet)."""
+        `recorded_bom`: the manifest's `csv_bom`, for a folder whose CSV files say nothing (none yet).
+        `positions`: image_id -> index position (or a function making it, asked only when the parts must
+        be re-planned); `last_position` the index's last position (else asked of `positions`);
+        `index_key`: the index file's fingerprint, for the parts' in-step record (`pipeline.ledger.partstate`)."""
         self.out_dir = Path(out_dir)
         self.excel = excel
         self.recorded_bom = recorded_bom
         self.encoding = FolderEncoding(bom=excel)  # decided from the folder in read_done / open
         self.batch_size = batch_size
         self.positions = positions
+        self.index_key = index_key
+        if last_position is None:
+            last_position = last_position_of(positions() if callable(positions) else positions)
+        self.last_position = last_position
         # one width for every part of the folder, from the whole index (as recover's re-split plans them)
-        self.part_digits = part_digits(max(positions.values(), default=0), batch_size)
+        self.part_digits = part_digits(last_position, batch_size)
         self.attribute_fields = attribute_fields or []
         self._queues: dict[str, FileQueue] = {}
         self.rows_written = 0  # answer rows (captions_all.csv, errors.csv, attributes.csv) on disk
@@ -146,10 +159,12 @@ class OutputWriter:
     def bom(self) -> bool:
         return self.encoding.bom
 
-    def _read(self) -> ResumeState:
-        """What the folder holds, read without changing it (`open` has repaired it first, if a run)."""
-        done = read_done(self.out_dir, attributes=bool(self.attribute_fields))
-        return ResumeState(done=done.keys, captions_rows=len(done.caption_rows), cost_usd=done.cost_usd, read=done)
+    def _read(self, captions: CaptionTally | None = None) -> ResumeState:
+        """What the folder holds, read without changing it (`open` has repaired it first, if a run).
+        `captions`: recovery's pass over captions_all.csv, if it made one (not read twice)."""
+        done = read_done(self.out_dir, attributes=bool(self.attribute_fields), captions=captions,
+                         count_images=False)
+        return ResumeState(done=done.keys, captions_rows=done.caption_count, cost_usd=done.cost_usd, read=done)
 
     def open(self, previous_batch_size: int | None = None) -> ResumeState:
         """Before the first request: a writable folder, every file recovered (`recover_folder`: held
@@ -168,16 +183,20 @@ class OutputWriter:
             attribute_fields=self.attribute_fields,
             previous_batch_size=previous_batch_size,
             bom=self.bom,
+            index_key=self.index_key,
+            last_position=self.last_position,
         )
         self.attribute_fields = recovery.attribute_fields
-        state = self._read()
+        state = self._read(recovery.captions)
         state.repaired[:0] = recovery.notes
         return state
 
     def check_appendable(self) -> None:
-        """Pre-flight: every output file this run may append to can be opened for append (ConfigError)."""
+        """Pre-flight: every answer file this run may append to can be opened for append (ConfigError).
+
+        The parts are not opened (50,000 of them for a million images): they are copies, and a part that
+        cannot be written is held, then given up and rebuilt from captions_all.csv at the next start."""
         names = [CAPTIONS_ALL, ERRORS] + ([ATTRIBUTES] if self.attribute_fields else [])
-        names += sorted(p.name for p in self.out_dir.glob(PART_GLOB))
         appendfile.check_appendable(self.out_dir, names)
 
     # --- appends ----------------------------------------------------------------------------------
@@ -254,6 +273,17 @@ class OutputWriter:
                 if not q.answers and len(q.records) > MAX_HELD_PART_ROWS:
                     self.give_up_part(q.name)
         return failures
+
+    def record_parts(self) -> None:
+        """As the run ends: if every answer reached captions_all.csv and its part, say the parts are in
+        step, so the next start reads no part (`pipeline.ledger.partstate`); else drop that record."""
+        clean = not self.given_up_parts and not self.pending_answers and not self.lost_answers and not any(
+            q.records for q in self._queues.values())
+        if clean:
+            partstate.record(self.out_dir, batch_size=self.batch_size, digits=self.part_digits,
+                             index_key=self.index_key)
+        else:
+            partstate.forget(self.out_dir)
 
     def give_up_part(self, name: str) -> None:
         """Stop writing a part for this run; the next start rebuilds it from captions_all.csv."""
@@ -500,6 +530,7 @@ async def writer_task(
     finally:
         with anyio.CancelScope(shield=True):
             holding.save_pending()
+            writer.record_parts()
 
 
 def _beat(heartbeat: Callable[[], None]) -> None:

@@ -58,6 +58,8 @@ class ModelRequest:
     reserve_tokens: int | None = None  # what the limiter reserved: tells "request too large" from a 429
     # turns after the first (image) message: (role, text), e.g. a repair request for a malformed answer
     follow_up: tuple[tuple[str, str], ...] = ()
+    # seconds before this request is abandoned (pipeline.run.tail's adaptive deadline); None: the backend's timeout
+    timeout_s: float | None = None
 
 
 @dataclass(frozen=True)

@@ -317,7 +317,9 @@ class OpenAIBackend:
         t0 = time.perf_counter()
         try:
             # Our own deadline as well as the SDK's: a server that trickles bytes forever is abandoned too.
-            with anyio.fail_after(self.timeout + 1.0):
+            # A per-request deadline (adaptive, below --timeout) is ours alone.
+            deadline = self.timeout + 1.0 if request.timeout_s is None else min(request.timeout_s, self.timeout + 1.0)
+            with anyio.fail_after(deadline):
                 response = await self.client.post("/chat/completions", cast_to=_httpx.Response, body=kwargs)
                 content = await response.aread()
         except (openai.OpenAIError, TimeoutError, _httpx.HTTPError) as exc:

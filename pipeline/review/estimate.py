@@ -29,7 +29,7 @@ from rich.text import Text
 from pipeline.review.dashboard import fmt_int, fmt_spent, fmt_usd
 from pipeline.ledger.costs import Spent
 from pipeline.errors import ReidPromptError
-from pipeline.ledger.outputs import CAPTIONS_ALL, DoneRead, caption_from_dict, read_done
+from pipeline.ledger.outputs import CAPTIONS_ALL, DoneRead, read_done
 from pipeline.data.prompts import billed_text, render_prompt
 from pipeline.providers.capabilities import n_unsupported, one_request_per_caption_note
 from pipeline.providers.presets import get_preset
@@ -215,10 +215,9 @@ def measured_output_tokens(out_dir: Path, done: DoneRead | None = None) -> tuple
     `done`: the folder as already read (the dry-run's `prepare` read it), so it is not read again.
     """
     done = done if done is not None else read_done(Path(out_dir))
-    tokens = (caption_from_dict(d).completion_tokens for d in done.caption_rows)
-    rows = [t for t in tokens if t > 0]
-    if len(rows) >= MIN_ROWS_TO_MEASURE:
-        return math.ceil(sum(rows) / len(rows)), f"mean of {fmt_int(len(rows))} captions in {CAPTIONS_ALL}"
+    n = done.measured_rows  # rows with completion_tokens > 0, summed in the reading pass
+    if n >= MIN_ROWS_TO_MEASURE:
+        return math.ceil(done.completion_tokens / n), f"mean of {fmt_int(n)} captions in {CAPTIONS_ALL}"
     return DEFAULT_OUTPUT_TOKENS, f"default (fewer than {MIN_ROWS_TO_MEASURE} captions to measure)"
 
 

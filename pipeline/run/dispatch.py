@@ -8,13 +8,15 @@ the first pass, and no worker sleeps holding a slot.
 from __future__ import annotations
 
 import heapq
+from array import array
 import itertools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import anyio
 from anyio.abc import ObjectSendStream
 
+from pipeline.data.index import image_ids
 from pipeline.data.prompts import has_templates, prompt_hash
 from pipeline.records import IndexEntry, Prompt
 
@@ -47,18 +49,27 @@ def captions_wanted(prompt: Prompt, captions_per_image: int) -> int:
     return 1 if prompt.schema is not None else captions_per_image
 
 
-def plan_jobs(entries: list[IndexEntry], prompts: list[Prompt], n: int, done: set) -> Iterator[Job]:
+def plan_jobs(entries: Sequence[IndexEntry], prompts: list[Prompt], n: int, done: set,
+              todo: Sequence[int] | None = None) -> Iterator[Job]:
     """Lazily yield the work still to do, in index order, skipping every (id, prompt, slot) already done.
 
     Slots of one image share one request (`n`), except under a templated prompt: there every caption
     gets its own sentence template, so its own request, and the captions do not share one shape.
+    Done images are skipped by id: an `IndexEntry` (and its path) is made only for an image with work.
+    `todo`: the positions `scan_work` found with work left, so a resume does not ask `done` about a
+    million finished images a second time.
     """
-    for entry in entries:
+    ids = image_ids(entries)
+    places = enumerate(ids) if todo is None else ((k, ids[k]) for k in todo)
+    for position, image_id in places:
+        entry = None
         for prompt in prompts:
             wanted = captions_wanted(prompt, n)
-            missing = tuple(i for i in range(wanted) if (entry.image_id, prompt.name, i) not in done)
+            missing = tuple(i for i in range(wanted) if (image_id, prompt.name, i) not in done)
             if not missing:
                 continue
+            if entry is None:
+                entry = entries[position]
             if has_templates(prompt):
                 for i in missing:
                     yield Job(entry, prompt, (i,))
@@ -66,14 +77,44 @@ def plan_jobs(entries: list[IndexEntry], prompts: list[Prompt], n: int, done: se
                 yield Job(entry, prompt, missing)
 
 
-def count_work(entries: list[IndexEntry], prompts: list[Prompt], n: int, done: set) -> tuple[int, int]:
-    """(total work items in the index, how many of them are already done)."""
-    per_image = sum(captions_wanted(p, n) for p in prompts)
+@dataclass
+class WorkScan:
+    """What `scan_work` found: work items in all, how many are done, the positions with work left."""
+
+    total: int
+    skipped: int
+    todo: array  # index positions with at least one item not done (4 bytes each), for `plan_jobs`
+
+
+def scan_work(entries: Sequence[IndexEntry], prompts: list[Prompt], n: int, done: set) -> WorkScan:
+    """Count the work and note which images have some left, asking `done` once per item.
+
+    Asks `done` about each item (`in` only): the done set is digests that cannot be listed
+    (`pipeline.ledger.donekeys`), and no set of the index's ids is built."""
+    wanted = [(p.name, captions_wanted(p, n)) for p in prompts]
+    per_image = sum(k for _, k in wanted)
     total = len(entries) * per_image
-    ids = {e.image_id for e in entries}
-    names = {p.name: captions_wanted(p, n) for p in prompts}
-    skipped = sum(1 for (iid, pname, idx) in done if iid in ids and pname in names and idx < names[pname])
-    return total, skipped
+    todo = array("i" if len(entries) < 2**31 else "q")
+    if not done:
+        todo.extend(range(len(entries)))
+        return WorkScan(total, 0, todo)
+    skipped = 0
+    for position, iid in enumerate(image_ids(entries)):
+        found = 0
+        for name, k in wanted:
+            for i in range(k):
+                if (iid, name, i) in done:
+                    found += 1
+        if found < per_image:
+            todo.append(position)
+        skipped += found
+    return WorkScan(total, skipped, todo)
+
+
+def count_work(entries: Sequence[IndexEntry], prompts: list[Prompt], n: int, done: set) -> tuple[int, int]:
+    """(total work items in the index, how many of them are already done); see `scan_work`."""
+    scan = scan_work(entries, prompts, n, done)
+    return scan.total, scan.skipped
 
 
 class Dispatcher:
@@ -91,6 +132,7 @@ class Dispatcher:
         self._seq = itertools.count()
         self.outstanding = 0
         self.abandoned = 0
+        self.exhausted = False  # the plan has no new job left: only retries and jobs out remain (tail hedging)
         self._wake = anyio.Event()
         controller.on_stop.append(self.wake)
 
@@ -130,7 +172,7 @@ class Dispatcher:
                 if not exhausted:
                     job = next(self._plan, None)
                     if job is None:
-                        exhausted = True
+                        exhausted = self.exhausted = True
                         continue
                     self.outstanding += 1
                     await jobs.send(job)

@@ -57,6 +57,7 @@ class ManifestKeeper:
             "failed_by_reason": dict(s.failed_by_reason),
             "requests": s.requests,
             "retries": s.retries,
+            "hedges": s.hedges,
             "rate_limited": s.rate_limited,
         }
         d["tokens"] = {"input": s.tokens_in, "output": s.tokens_out}

@@ -1,26 +1,28 @@
-"""The pool-wide rate limiter: requests and tokens per minute, learned from headers, paused by 429s.
+"""The pool-wide rate limiter: requests and tokens per minute, paced evenly, learned from headers, paused by 429s.
 
 One `RateLimiter` is shared by all workers of a run. Before each request a worker calls
 `acquire(est_tokens)`; after the answer it calls `correct(reservation, actual_tokens)` and
 `observe_headers(reply.headers)`; after a 429 it calls `pause(decision.wait_s)`.
 
-Why leaky buckets with a one-second burst: OpenAI enforces per-minute limits at sub-minute granularity
-(60,000 RPM is enforced as about 1,000 per second), so a bucket that lets a whole minute's worth out at
-once earns a burst of 429s. Each limit is an `aiolimiter.AsyncLimiter` that holds `limit/60 x burst_s`
-units and drains `limit/60` units per second.
+Why even spacing and no burst: OpenAI enforces per-minute limits at sub-minute granularity (60,000 RPM is
+enforced as about 1,000 in any rolling second), so anything that lets a second's worth out at once is
+counted against the next second too and earns 429s. Each limit is a `Schedule`: GCRA / virtual scheduling
+with zero burst tolerance. It keeps one number, the theoretical arrival time (TAT) of the next unit; a
+request of cost c is sent at max(now, TAT) and moves TAT on by c x 60/limit. Requests cost 1 on the
+request schedule; on the token schedule a request's token reservation (input estimate + max_tokens x n)
+moves the schedule on by tokens/rate, and `correct` moves it by the difference once the answer says what
+was used. Idle time earns no credit (max(now, TAT)), so a pool that was idle cannot burst either; only
+a slot missed by at most `CATCH_UP_S` (a stall of the event loop) is still used.
 
-aiolimiter internals relied on (checked against 1.1-1.3, asserted at import by `_check_aiolimiter`):
-`_level` (units currently in the bucket), `_leak()` (drains `_level` for the time elapsed since the last
-check and stamps that check) and `_rate_per_sec`. We touch them for three things the public API lacks:
-charging a token estimate larger than the bucket (the excess is added to `_level` as debt, which later
-acquires wait out), `correct()` (adding or removing actual-minus-estimate tokens), and changing a learned
-limit in place. `_leak()` is always called first, so the change applies to the level *as of now* rather
-than being drained retroactively over time that already passed. After lowering the level we call
-`_wake_next()` (1.3) so a waiter whose timer was set for the old level is woken early.
+The safety margin is ONE rule for both modes: we pace at `safety` x the limit (default 0.98, i.e. 2 %
+under it), whether the limit was given (`--rpm`/`--tpm`) or learned from x-ratelimit-limit-* headers.
+2 % leaves about 20 ms per second for clock and network jitter between our send and the server's count.
 
-Cost: with capacity, `acquire` is one monotonic-clock read plus one aiolimiter acquire per bucket - no
-sleeps, no polling. Waiting is done by aiolimiter's timers (one per bucket) and, during a pause, one
-`asyncio.sleep` per waiting worker for the length of the pause.
+Cost: `acquire` is a few float operations per schedule plus one `asyncio.sleep` until the reserved send
+time - no polling, no thundering herd: each waiter sleeps to its own slot. Slots are handed out in call
+order (FIFO), so a large token reservation is never starved by smaller ones. A pool-wide pause (429) bumps
+an epoch and rebases the schedules at its end; workers sleeping toward a slot reserved before the pause
+reserve again, so traffic resumes at the steady rate instead of bursting.
 """
 
 from __future__ import annotations
@@ -30,108 +32,70 @@ import time
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from aiolimiter import AsyncLimiter
-
 from pipeline.providers.headers import header_int, parse_duration
 
-__all__ = ["RateLimiter", "Reservation", "HeaderSnapshot"]
+__all__ = ["RateLimiter", "Reservation", "HeaderSnapshot", "Schedule", "DEFAULT_SAFETY", "CATCH_UP_S"]
+
+DEFAULT_SAFETY = 0.98  # pace at 98 % of a limit, given or learned (the one safety-margin rule)
+# A slot missed by at most this much (the event loop or the CPU was late) is still used, so short stalls do
+# not cost throughput. Safe against "N in any rolling second" while CATCH_UP_S <= 1/safety - 1 (20 ms at
+# 0.98): N slots span N/(safety x N/s) = 1.0204 s, a late first one shortens that by at most CATCH_UP_S.
+# 5 ms leaves 15 ms for the jitter between our send and the server's count (measured: +-7 ms at p1/p99).
+CATCH_UP_S = 0.005
 
 
-def _check_aiolimiter() -> None:
-    probe = AsyncLimiter(1, 1)
-    missing = [name for name in ("_level", "_leak", "_rate_per_sec") if not hasattr(probe, name)]
-    if missing:  # pragma: no cover - only on an aiolimiter whose internals changed
-        raise ImportError(
-            f"pipeline.run.limits needs aiolimiter internals {missing}; this aiolimiter version changed them"
-        )
+@dataclass
+class Schedule:
+    """GCRA virtual scheduling for one limit ("N per minute"), zero burst tolerance; pure (the caller
+    passes `now`), so the pacing math is tested with a fake clock.
 
-
-_check_aiolimiter()
-
-
-class _Bucket:
-    """One limit ("N per minute") as an AsyncLimiter holding at most max(N/60 x burst_s, 1) units.
-
-    The capacity is at least 1 so a single request always fits the requests bucket even at very low
-    limits (rpm=30 with burst_s=1 would otherwise hold 0.5 and aiolimiter would refuse every acquire).
+    `tat`: the earliest time the next unit may go. `sent_tat`: `tat` as of the latest reservation that
+    was actually used, which is what a rebase after a pause must not go below (tokens already sent keep
+    their debt; reservations abandoned by the pause are forgotten). `catch_up_s`: a slot that passed at
+    most this long ago is still booked (sent now), so a stall of the caller's loop is made up, never more.
     """
 
-    __slots__ = ("per_minute", "burst_s", "limiter")
-
-    def __init__(self, per_minute: float, burst_s: float) -> None:
-        rate = per_minute / 60.0
-        capacity = max(rate * burst_s, 1.0)
-        self.per_minute = per_minute
-        self.burst_s = burst_s
-        self.limiter = AsyncLimiter(capacity, capacity / rate)
+    per_minute: float
+    tat: float = float("-inf")
+    sent_tat: float = float("-inf")
+    catch_up_s: float = CATCH_UP_S
 
     @property
-    def capacity(self) -> float:
-        return float(self.limiter.max_rate)
+    def interval(self) -> float:
+        """Seconds one unit occupies on the schedule."""
+        return 60.0 / self.per_minute
 
-    @property
-    def rate_per_s(self) -> float:
-        return self.per_minute / 60.0
+    def reserve(self, now: float, cost: float = 1.0) -> tuple[float, float]:
+        """Reserve `cost` units: (send time, the schedule's TAT after them). The send time is never
+        before `now` nor before the previous reservation's end. A slot missed by at most `catch_up_s`
+        (a stall) is booked and sent now; one missed by more (idle time) earns no credit at all."""
+        booked = self.tat if now - self.catch_up_s <= self.tat else now
+        self.tat = booked + max(0.0, cost) * self.interval
+        return max(now, booked), self.tat
 
-    async def acquire(self, amount: float) -> None:
-        """Take `amount` units, waiting for room; an amount above the capacity is charged as debt.
+    def commit(self, end: float) -> None:
+        """The reservation ending at `end` was used (its request went out)."""
+        if end > self.sent_tat:
+            self.sent_tat = end
 
-        aiolimiter raises ValueError for amount > max_rate (it could never fit). One request's token
-        estimate can exceed a second's worth of tpm, so we wait for a full bucket's worth of room, take
-        that, and add the excess to the level: following acquires then wait until the debt has drained,
-        which is exactly the pacing a leaky bucket owes a large request.
-        """
-        take = min(amount, self.capacity)
-        if take > 0:
-            await self.limiter.acquire(take)
-        excess = amount - take
-        if excess > 0:
-            self.adjust(excess)
+    def charge(self, delta: float) -> None:
+        """Add (delta > 0) or give back (delta < 0) units after the fact, e.g. actual minus estimated tokens."""
+        shift = delta * self.interval
+        self.tat += shift
+        self.sent_tat += shift
 
-    def _leak_now(self) -> bool:
-        try:
-            self.limiter._leak()  # drain for the time elapsed so far; needs the running loop's clock
-        except RuntimeError:  # no running loop: nobody can be waiting, and the level is only read in-loop
-            return False
-        return True
+    def rebase(self, at: float) -> None:
+        """After a pause until `at`: the next unit goes no earlier than `at`, nor before what was sent."""
+        self.tat = max(at, self.sent_tat)
 
-    def _wake(self) -> None:
-        wake = getattr(self.limiter, "_wake_next", None)  # aiolimiter >= 1.2; 1.1 waiters re-poll
-        if wake is not None:
-            wake()
-
-    def adjust(self, delta: float) -> None:
-        """Add (delta > 0) or give back (delta < 0) units, as of now. The level never goes below 0."""
-        if delta == 0:
-            return
-        self._leak_now()
-        self.limiter._level = max(0.0, self.limiter._level + delta)
-        if delta < 0:
-            self._wake()
-
-    def fill_for(self, seconds: float) -> None:
-        """Make the bucket full `seconds` from now, so traffic resumes at the steady rate after a pause.
-
-        Without this the bucket would drain during the pause and every worker would burst at its end,
-        which is how one 429 becomes a train of them.
-        """
-        if seconds <= 0:
-            return
-        self._leak_now()
-        target = self.capacity + self.rate_per_s * seconds
-        if self.limiter._level < target:
-            self.limiter._level = target
-
-    def set_limit(self, per_minute: float) -> None:
-        """Change the limit in place, keeping the current level (and the waiters) of the bucket."""
-        self._leak_now()
-        rate = per_minute / 60.0
-        capacity = max(rate * self.burst_s, 1.0)
+    def set_limit(self, per_minute: float, now: float) -> None:
+        """Change the rate in place; the part of the schedule still ahead of `now` is rescaled to it."""
+        scale = self.per_minute / per_minute
+        if self.tat > now:
+            self.tat = now + (self.tat - now) * scale
+        if self.sent_tat > now:
+            self.sent_tat = now + (self.sent_tat - now) * scale
         self.per_minute = per_minute
-        self.limiter.max_rate = capacity
-        self.limiter.time_period = capacity / rate
-        self.limiter._rate_per_sec = rate
-        self._wake()
 
 
 @dataclass
@@ -139,9 +103,9 @@ class Reservation:
     """What one `acquire` took, so `correct` can settle it against the tokens actually used."""
 
     est_tokens: int
-    charged_tokens: int = 0  # tokens put into the tpm bucket; 0 when tpm was unlimited at acquire time
+    charged_tokens: int = 0  # tokens put on the tpm schedule; 0 when tpm was unlimited at acquire time
     settled: bool = False
-    _bucket: _Bucket | None = field(default=None, repr=False, compare=False)
+    _schedule: Schedule | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -164,14 +128,35 @@ def _check_limit(name: str, value: float | None) -> float | None:
     return float(value)
 
 
+def refill_wait(limit: int | None, remaining: int | None, reset: float | None, need: float) -> float:
+    """Seconds until the server's window holds `need` units again; 0 if it already does.
+
+    Only a window that is (nearly) exhausted - remaining below what the next request needs - pauses: the
+    pacing already keeps us under the limit, and reacting to every remaining count costs throughput.
+    OpenAI's reset is the time until the window is full again, so assuming linear refill the server
+    regains (limit - remaining)/reset units per second; the wait is capped at the reset.
+    """
+    if remaining is None or reset is None or reset <= 0:
+        return 0.0
+    if limit is None:  # no limit header: only an exhausted window is a clear signal
+        return reset if remaining <= 0 else 0.0
+    deficit = max(need, 1.0) - remaining
+    if deficit <= 0:
+        return 0.0
+    missing = limit - remaining
+    if missing <= 0:
+        return 0.0
+    return min(reset, reset * deficit / missing)
+
+
 class RateLimiter:
-    """Requests-per-minute and tokens-per-minute buckets shared by all workers, plus a pool-wide pause.
+    """Requests-per-minute and tokens-per-minute schedules shared by all workers, plus a pool-wide pause.
 
     `rpm`/`tpm` None means "not configured": with `learn` the limit is taken from the first
-    x-ratelimit-limit-* header (times `safety`, so our pacing stays just under the server's and small
-    clock and estimate errors do not cost 429s); without headers (vLLM, Ollama) the limiter stays
-    unlimited and `--concurrency` alone brakes. Configured limits are never overridden by headers.
-    Must be used from one asyncio event loop (aiolimiter is asyncio-only).
+    x-ratelimit-limit-* header (a changed limit is followed); without headers (vLLM, Ollama) the limiter
+    stays unlimited and `--concurrency` alone brakes. Configured limits are never overridden by headers.
+    Given or learned, requests are paced at `safety` x the limit. `rpm_limit`/`tpm_limit` report the
+    limit itself; `pace_rpm`/`pace_tpm` the rate actually paced to. Must be used from one asyncio loop.
     """
 
     def __init__(
@@ -180,25 +165,21 @@ class RateLimiter:
         tpm: float | None,
         *,
         learn: bool = True,
-        burst_s: float = 1.0,
-        safety: float = 0.97,
+        safety: float = DEFAULT_SAFETY,
         probe: bool = False,
     ) -> None:
-        if not burst_s > 0:
-            raise ValueError(f"burst_s must be positive, got {burst_s!r}")
         if not 0 < safety <= 1:
             raise ValueError(f"safety must be in (0, 1], got {safety!r}")
         self._configured_rpm = _check_limit("rpm", rpm)
         self._configured_tpm = _check_limit("tpm", tpm)
         self.learn = learn
-        self.burst_s = float(burst_s)
         self.safety = float(safety)
-        self._rpm = _Bucket(self._configured_rpm, self.burst_s) if self._configured_rpm else None
-        self._tpm = _Bucket(self._configured_tpm, self.burst_s) if self._configured_tpm else None
-        # Serialises waiting on the token bucket: aiolimiter wakes its smallest waiter first, so without
-        # this FIFO gate a large estimate could starve behind a stream of smaller ones.
-        self._tpm_gate = asyncio.Lock()
+        self._rpm_limit = self._configured_rpm
+        self._tpm_limit = self._configured_tpm
+        self._rpm = Schedule(self._configured_rpm * self.safety) if self._configured_rpm else None
+        self._tpm = Schedule(self._configured_tpm * self.safety) if self._configured_tpm else None
         self._paused_until = 0.0
+        self._epoch = 0  # bumped by every pause: slots reserved before it are given up and taken again
         self._last_est = 0
         self.snapshot = HeaderSnapshot()
         # Probe: while a limit is still to be learned, one request goes first and the rest of the pool
@@ -214,12 +195,22 @@ class RateLimiter:
 
     @property
     def rpm_limit(self) -> float | None:
-        """Effective requests per minute we pace to (configured, or learned x safety); None = unlimited."""
-        return self._rpm.per_minute if self._rpm is not None else None
+        """The requests-per-minute limit (configured, or learned from headers); None = unlimited."""
+        return self._rpm_limit
 
     @property
     def tpm_limit(self) -> float | None:
-        """Effective tokens per minute we pace to (configured, or learned x safety); None = unlimited."""
+        """The tokens-per-minute limit (configured, or learned from headers); None = unlimited."""
+        return self._tpm_limit
+
+    @property
+    def pace_rpm(self) -> float | None:
+        """Requests per minute actually paced to: safety x rpm_limit."""
+        return self._rpm.per_minute if self._rpm is not None else None
+
+    @property
+    def pace_tpm(self) -> float | None:
+        """Tokens per minute actually paced to: safety x tpm_limit."""
         return self._tpm.per_minute if self._tpm is not None else None
 
     @property
@@ -235,46 +226,53 @@ class RateLimiter:
             await asyncio.sleep(left)
 
     async def acquire(self, est_tokens: int) -> Reservation:
-        """Wait until no pause is active, one request fits the rpm bucket and `est_tokens` fit the tpm bucket.
-
-        `est_tokens` should be what the server reserves up front: input estimate + max_tokens x n.
-        """
+        """Wait for this request's slot: no pause active, its place on the request schedule and its
+        `est_tokens` on the token schedule (what the server reserves up front: input + max_tokens x n)."""
         est = max(0, int(est_tokens))
         if self._probing and not self._probe_answered.is_set():
             if self._probe_sent:
                 await self._probe_answered.wait()
             else:
                 self._probe_sent = True
-        await self._wait_pause()
-        if self._rpm is not None:
-            await self._rpm.acquire(1)
-        bucket = self._tpm
-        charged = 0
-        if bucket is not None and est > 0:
-            async with self._tpm_gate:
-                await bucket.acquire(est)
-            charged = est
-        # A 429 may have paused the pool while we waited in a bucket; honour it before sending.
-        await self._wait_pause()
-        self._last_est = est
-        return Reservation(est_tokens=est, charged_tokens=charged, _bucket=bucket)
+        while True:
+            await self._wait_pause()
+            epoch = self._epoch
+            now = time.monotonic()
+            rpm, tpm = self._rpm, self._tpm
+            send_at = now
+            r_end = t_end = None
+            if rpm is not None:
+                send_at, r_end = rpm.reserve(send_at, 1.0)
+            if tpm is not None and est > 0:
+                send_at, t_end = tpm.reserve(send_at, est)
+            if send_at > now:
+                await asyncio.sleep(send_at - now)
+            if epoch != self._epoch or self._paused_until > time.monotonic():
+                continue  # a pause came while we waited: our slot was given up, take a new one after it
+            if rpm is not None and r_end is not None:
+                rpm.commit(r_end)
+            if tpm is not None and t_end is not None:
+                tpm.commit(t_end)
+            self._last_est = est
+            charged = est if t_end is not None else 0
+            return Reservation(est_tokens=est, charged_tokens=charged, _schedule=tpm if charged else None)
 
     def correct(self, reservation: Reservation, actual_tokens: int) -> None:
-        """Settle a reservation: charge (actual - charged) more tokens, or give back the difference.
+        """Settle a reservation: move the token schedule by (actual - charged) tokens.
 
         Call with the answer's total tokens (prompt + completion of all choices). After a 429 the server
-        counted nothing, so `correct(reservation, 0)` gives the whole reservation back. A reservation is
-        settled once; later calls are ignored. If the tpm limit was learned after this reservation was
-        taken, the reservation was never charged and nothing is adjusted.
+        counted nothing, so `correct(reservation, 0)` gives the whole reservation back (later requests
+        benefit; slots already handed out keep their time). A reservation is settled once; later calls are
+        ignored. If the tpm limit was learned after this reservation was taken, nothing is adjusted.
         """
         self._end_probe()
         if reservation.settled:
             return
         reservation.settled = True
-        bucket = reservation._bucket
-        if bucket is None or bucket is not self._tpm:
+        schedule = reservation._schedule
+        if schedule is None or schedule is not self._tpm:
             return
-        bucket.adjust(max(0, int(actual_tokens)) - reservation.charged_tokens)
+        schedule.charge(max(0, int(actual_tokens)) - reservation.charged_tokens)
 
     def _end_probe(self) -> None:
         """The probe came back (answered, failed or abandoned): open the pool."""
@@ -284,35 +282,31 @@ class RateLimiter:
     # ------------------------------------------------------------------ pause
 
     def pause(self, seconds: float) -> None:
-        """Hold every new request of the pool for `seconds` from now (a 429 speaks for the whole key).
-
-        Extends, never shortens, an existing pause. The buckets are filled so that they are full when the
-        pause ends: traffic resumes at the steady rate instead of bursting into the next 429.
-        """
+        """Hold every new request of the pool for exactly `seconds` from now (a 429 speaks for the whole
+        key; `seconds` is what the server asked). Extends, never shortens, an existing pause. The schedules
+        restart at its end at the steady rate: no burst, and no extra wait on top of what was asked."""
         if not seconds > 0:
             return
         until = time.monotonic() + seconds
         if until <= self._paused_until:
             return
         self._paused_until = until
-        for bucket in (self._rpm, self._tpm):
-            if bucket is not None:
-                bucket.fill_for(seconds)
+        self._epoch += 1
+        for schedule in (self._rpm, self._tpm):
+            if schedule is not None:
+                schedule.rebase(until)
 
     # ------------------------------------------------------------------ headers
 
     def observe_headers(self, headers: Mapping[str, str]) -> None:
-        """Learn limits from x-ratelimit-* headers and pause when the server says we are nearly out.
+        """Learn limits from x-ratelimit-* headers; pause only when the server's window is nearly out.
 
-        - limit-requests / limit-tokens: when that limit was not configured and `learn` is set, enforce
-          limit x safety from now on (a changed limit, e.g. a tier upgrade mid-run, is followed).
+        - limit-requests / limit-tokens: when that limit was not configured and `learn` is set, pace to
+          safety x limit from now on (a changed limit, e.g. a tier upgrade mid-run, is followed).
           Values <= 0 (Azure has sent -1 and 0) are ignored, along with that limit's remaining.
-        - remaining-* with reset-*: OpenAI's reset is the time until the bucket is full again, so assuming
-          linear refill the server regains (limit - remaining)/reset units per second. When remaining is
-          below what we need next (one burst's worth: limit/60 x burst_s, at least 1 request, at least the
-          last token estimate) the pool pauses until that deficit has refilled, capped at the reset.
-          Headers of answers that were in flight are a little stale; a pause is only ever extended, and
-          this applies with or without `learn` because the server's state is the truth for a shared key.
+        - remaining-* with reset-*: only when remaining is below what the next request needs (1 request,
+          the last token estimate) does the pool pause, until that deficit has refilled (`refill_wait`).
+          This applies with or without `learn`: the server's state is the truth for a shared key.
         """
         if not headers:
             self._end_probe()
@@ -337,37 +331,26 @@ class RateLimiter:
         self.snapshot = HeaderSnapshot(lim_r, lim_t, rem_r, rem_t, rst_r, rst_t)
 
         if self.learn:
+            now = time.monotonic()
             if self._configured_rpm is None and lim_r:
-                self._rpm = self._learn(self._rpm, lim_r * self.safety)
+                self._rpm_limit = float(lim_r)
+                self._rpm = self._learn(self._rpm, lim_r * self.safety, now)
             if self._configured_tpm is None and lim_t:
-                self._tpm = self._learn(self._tpm, lim_t * self.safety)
+                self._tpm_limit = float(lim_t)
+                self._tpm = self._learn(self._tpm, lim_t * self.safety, now)
 
         wait = max(
-            self._refill_wait(lim_r, rem_r, rst_r, need=1.0),
-            self._refill_wait(lim_t, rem_t, rst_t, need=float(max(1, self._last_est))),
+            refill_wait(lim_r, rem_r, rst_r, need=1.0),
+            refill_wait(lim_t, rem_t, rst_t, need=float(max(1, self._last_est))),
         )
         if wait > 0:
             self.pause(wait)
         self._end_probe()
 
-    def _learn(self, bucket: _Bucket | None, per_minute: float) -> _Bucket:
-        if bucket is None:
-            return _Bucket(per_minute, self.burst_s)
-        if abs(per_minute - bucket.per_minute) > 0.005 * bucket.per_minute:
-            bucket.set_limit(per_minute)
-        return bucket
-
-    def _refill_wait(self, limit: int | None, remaining: int | None, reset: float | None, need: float) -> float:
-        """Seconds until the server's bucket holds `need` (or a burst's worth) again; 0 if it already does."""
-        if remaining is None or reset is None or reset <= 0:
-            return 0.0
-        if limit is None:  # no limit header: only an exhausted bucket is a clear signal
-            return reset if remaining <= 0 else 0.0
-        need = max(need, limit / 60.0 * self.burst_s)
-        deficit = need - remaining
-        if deficit <= 0:
-            return 0.0
-        missing = limit - remaining
-        if missing <= 0:
-            return 0.0
-        return min(reset, reset * deficit / missing)
+    @staticmethod
+    def _learn(schedule: Schedule | None, per_minute: float, now: float) -> Schedule:
+        if schedule is None:
+            return Schedule(per_minute)
+        if abs(per_minute - schedule.per_minute) > 0.005 * schedule.per_minute:
+            schedule.set_limit(per_minute, now)
+        return schedule

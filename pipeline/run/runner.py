@@ -38,13 +38,14 @@ from pipeline.providers.base import APIFailure, Backend, ErrorKind, ModelReply, 
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, FatalAPIError, ImageError, ServerUnreachableError
 from pipeline.data.images import payload_from_bytes, read_bytes
-from pipeline.data.index import LoadedIndex, load_index
+from pipeline.data.index import LoadedIndex, index_positions, load_index
 from pipeline.run.limits import RateLimiter
 from pipeline.run.fallbacks import (
     FallbackState, FormatMode, apply_format, format_after_answer, format_after_invalid, n_after_answer,
     on_bad_request, repair_turns, request_format,
 )
 from pipeline.run.adaptive import AdaptiveLimit, AdaptivePolicy, Outcome, Slot, classify_failure
+from pipeline.run.tail import TailPolicy, TailTracker, hedge_after, race, should_hedge, timeout_is_load
 from pipeline.ledger.manifest import now_iso
 from pipeline.ledger.costs import budget_refusal, new_run_id, price_warning, retried_reason
 from pipeline.providers.pricing import (
@@ -63,7 +64,7 @@ from pipeline.providers.tokens import estimate_request
 from pipeline.providers.presets import get_preset, preset_prices, resolve_key
 from pipeline.run.control import Controller, signal_handlers, watch_until
 from pipeline.run.outage import DEFAULT_BASE_URL, OutagePolicy, OutageTracker, cannot_reach_message, watch_outages
-from pipeline.run.dispatch import Dispatcher, Job, count_work, plan_jobs
+from pipeline.run.dispatch import Dispatcher, Job, plan_jobs, scan_work
 from pipeline.run.sample import describe_subset, select_entries
 from pipeline.ledger.inputs import Change, Inputs, check_inputs, current_inputs, fingerprint_file, folder_has_rows
 from pipeline.ledger.lock import FolderLock
@@ -99,6 +100,7 @@ class Context:
     adaptive: AdaptiveLimit | None = None  # the concurrency limit below --concurrency (pipeline.run.adaptive)
     fallbacks: FallbackState = field(default_factory=FallbackState)  # n / response_format (pipeline.run.fallbacks)
     notify: Callable[[str], None] = field(default=lambda line: say(f"note: {line}"))  # a fallback's one line
+    tail: TailTracker = field(default_factory=TailTracker)  # adaptive deadline and hedges (pipeline.run.tail)
 
 
 @dataclass(frozen=True)
@@ -246,12 +248,13 @@ async def process(ctx: Context, job: Job) -> list[Result]:
         response_format=rformat,
         reserve_tokens=reserve,
         follow_up=follow_up,
+        timeout_s=ctx.tail.deadline(cfg.model.timeout),
     )
     job.attempts += 1
     stats.request_sent()
     ctx.inflight_cost += guess
     try:
-        reply = await ctx.backend.caption(request)
+        reply, hedge_won = await send_request(ctx, request)
     except APIFailure as failure:
         if failure.status is not None and ctx.outage is not None:
             ctx.outage.heard_from_server()  # any HTTP answer: the server is there
@@ -260,6 +263,8 @@ async def process(ctx: Context, job: Job) -> list[Result]:
             stats.saw_answer(failure.headers, failure.usage)  # manifest's `learned`: headers, usage
         ctx.limiter.correct(reservation, tpm_charge(failure.kind, failure.usage, reserve, est.output_tokens))
         outcome, occupied = classify_failure(failure.kind, failure.status, failure.usage is not None)
+        if occupied and not timeout_is_load(ctx.tail.deadline(cfg.model.timeout), cfg.model.timeout):
+            outcome, occupied = Outcome.OTHER, False  # abandoned at the adaptive deadline: a hang, not a queue
         settle_slot(ctx, slot, outcome, cfg.model.timeout if occupied else 0.0)
         billed = None
         if failure.usage is not None:  # answered and billed, but no caption (refused, empty)
@@ -281,8 +286,45 @@ async def process(ctx: Context, job: Job) -> list[Result]:
     ctx.limiter.observe_headers(reply.headers)
     stats.saw_answer(reply.headers, reply.usage)
     ctx.limiter.correct(reservation, tpm_charge(None, reply.usage, reserve, est.output_tokens))
-    settle_slot(ctx, slot, Outcome.OK)
+    # a hedge's answer says nothing of the queue (the slot's clock ran through the straggler): no sample
+    settle_slot(ctx, slot, Outcome.OTHER if hedge_won else Outcome.OK)
+    ctx.tail.observe(reply.latency_s)
     return handle_reply(ctx, job, prompt_text, reply, mode=mode)
+
+
+async def send_request(ctx: Context, request: ModelRequest) -> tuple[ModelReply, bool]:
+    """One request under the adaptive deadline, hedged near the end of the work (pipeline.run.tail);
+    (the answer, whether the hedge's answer won)."""
+    tail, ceiling, stats = ctx.tail, ctx.cfg.model.timeout, ctx.stats
+    left = stats.total - stats.skipped - stats.done - stats.failed_total  # work items not finished
+    near_end = left <= 2 * ctx.cfg.limits.concurrency * max(1, ctx.cfg.model.captions_per_image)
+    if tail.samples >= tail.policy.min_samples and not near_end:
+        # mid-run: the deadline set at sending (request.timeout_s) is the window's; a plain call costs
+        # no task group (~0.1 ms of CPU a request at 1,000 requests/s)
+        return await ctx.backend.caption(request), False
+
+    def may_hedge(age_s: float) -> bool:
+        adaptive = ctx.adaptive
+        room = adaptive is None or not adaptive.enabled or adaptive.in_use + adaptive.held < adaptive.capacity
+        return should_hedge(
+            age_s=age_s, p99=tail.p99, samples=tail.samples, plan_exhausted=ctx.dispatcher.exhausted,
+            idle=room and ctx.stats.in_flight < ctx.cfg.limits.concurrency, hedges=tail.hedges,
+            requests=ctx.stats.requests, policy=tail.policy,
+            rate_limit_binds=(ctx.limiter.rpm_limit is not None or ctx.limiter.tpm_limit is not None
+                              or ctx.budget_left is not None),  # nor under --max-cost
+        )
+
+    def on_hedge() -> None:
+        tail.hedges += 1
+        ctx.stats.hedges += 1
+        ctx.stats.request_sent()
+
+    # nothing can happen to a request before the deadline's floor or the hedge age: wake no sooner
+    first_check = tail.policy.floor_s if tail.p99 is None else min(tail.policy.floor_s, hedge_after(tail.p99, tail.policy))
+    reply, hedge_won = await race(lambda: ctx.backend.caption(request), lambda: tail.deadline(ceiling),
+                                  may_hedge, on_hedge, first_check_s=first_check)
+    tail.hedge_wins += hedge_won
+    return reply, hedge_won
 
 
 def learn_from_answer(ctx: Context, job: Job, n_sent: int, choices: int | None, mode: FormatMode | None) -> None:
@@ -673,20 +715,24 @@ def prepare(cfg: RunConfig, *, readonly: bool = False) -> Prepared:
             previous, inputs, has_rows=folder_has_rows(cfg.out, output_csv_names(cfg.out)),
             allow_changes=cfg.allow_changes, out_dir=cfg.out,
         )
-        positions = {e.image_id: e.position for e in whole.entries}
+        positions = index_positions(whole.entries)  # answered by the compact index: no 1M-entry dict
         attr_fields: list[str] = []
         for p in prompts:
             if p.schema is not None:
                 attr_fields += [f for f in field_names(p.schema) if f not in attr_fields]
         writer = OutputWriter(cfg.out, cfg.batch_size, positions, attr_fields,
-                              excel=cfg.excel, recorded_bom=(previous or {}).get("csv_bom"))
+                              excel=cfg.excel, recorded_bom=(previous or {}).get("csv_bom"),
+                              index_key=inputs.index.sha256 if inputs.index else None,
+                              last_position=max(0, len(whole.entries) - 1))
         resume = writer.read_done() if readonly else writer.open(previous_batch_size=previous_batch_size(previous))
         resume.repaired[:0] = check.notes
-        total, skipped = count_work(index.entries, prompts, cfg.model.captions_per_image, resume.done)
+        work = scan_work(index.entries, prompts, cfg.model.captions_per_image, resume.done)
+        total, skipped = work.total, work.skipped
     except BaseException:
         if lock is not None:
             lock.release()
         raise
+    resume.todo = work.todo  # the images with work left: the plan asks the done set no second time
     return Prepared(cfg, index, prompts, writer, resume, price, total, skipped, api_key,
                     lock=lock, inputs=inputs, accepted_changes=check.accepted, previous_manifest=previous,
                     subset_note=subset_note, index_size=len(whole.entries))
@@ -784,13 +830,15 @@ async def run_prepared(
     stats.rpm_limit, stats.tpm_limit = limiter.rpm_limit, limiter.tpm_limit
     controller = Controller()
     controller.on_stop.append(lambda: setattr(stats, "stop_reason", controller.stop_reason))  # for the views
-    plan = plan_jobs(prep.index.entries, prep.prompts, cfg.model.captions_per_image, prep.resume.done)
+    plan = plan_jobs(prep.index.entries, prep.prompts, cfg.model.captions_per_image, prep.resume.done,
+                     prep.resume.todo)
     dispatcher = Dispatcher(plan, controller)
     ctx = Context(cfg, backend, limiter, RetryPolicy(max_attempts=cfg.limits.max_attempts), stats, prep.price,
                   controller, dispatcher)
     ctx.outage = OutageTracker(controller.gate, cfg.model.base_url or DEFAULT_BASE_URL,
                                OutagePolicy(timeout_s=cfg.limits.outage_timeout), stats=stats)
     ctx.adaptive = make_adaptive(cfg)
+    ctx.tail = TailTracker(TailPolicy(hedge=cfg.limits.hedge))
     stats.concurrency_limit = stats.concurrency_limit_max = ctx.adaptive.capacity if ctx.adaptive.enabled else None
     if cfg.limits.max_cost is not None:
         # the budget is for the output folder: what earlier runs spent there counts against it, billed

@@ -96,13 +96,14 @@ def _round_robin(entries: Sequence[IndexEntry], n: int, seed: int) -> list[Index
     return chosen
 
 
-def select_entries(entries: Sequence[IndexEntry], subset: SubsetConfig) -> list[IndexEntry]:
-    """The images a run works on: the whole index, its first `limit` images, or a `sample`."""
+def select_entries(entries: Sequence[IndexEntry], subset: SubsetConfig) -> Sequence[IndexEntry]:
+    """The images a run works on: the whole index (as it is: a compact index stays compact), its first
+    `limit` images, or a `sample`."""
     if subset.sample is not None:
         return sample_entries(entries, subset.sample, subset.seed)
     if subset.limit is not None:
         return list(entries[: subset.limit])
-    return list(entries)
+    return entries
 
 
 def subset_flags(subset: SubsetConfig) -> str | None:

@@ -102,6 +102,7 @@ class RunStats:
     in_flight: int = 0
     requests: int = 0
     retries: int = 0
+    hedges: int = 0  # second requests for work out too long near the end (pipeline.run.tail); in `requests`
     rate_limited: int = 0
     tokens_in: int = 0
     tokens_out: int = 0

@@ -48,7 +48,7 @@ import stat
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -460,6 +460,10 @@ class LoopbackConfig:
     rpm: float | None = None
     tpm: float | None = None
     burst_seconds: float = 1.0  # bucket capacity = burst_seconds * rate/s (at least 1)
+    # "bucket": a continuous token bucket (a burst of burst_seconds' worth, then the steady rate);
+    # "sliding": at most burst_seconds x rate/s in ANY rolling burst_seconds (how OpenAI enforces per-minute
+    # limits at sub-minute granularity): a burst counts against the following window too.
+    limit_mode: str = "bucket"
     send_headers: bool = True  # x-ratelimit-* headers on 200 and 429
     quota_exhausted: bool = False  # every request -> 429 insufficient_quota
 
@@ -601,12 +605,60 @@ class _Bucket:
             return 0.0
         return (need - self.level) / self.rate
 
+    def take(self, cost: float) -> None:
+        self.level -= cost
+
     def remaining(self) -> int:
         # Per-minute terms: the minute's limit minus what was taken and has not refilled yet.
         return max(0, int(self.per_minute - (self.capacity - self.level)))
 
     def reset_s(self) -> float:
         return max(0.0, (self.capacity - self.level) / self.rate)
+
+
+class _Window:
+    """Sliding window: at most `capacity` (= max(1, window_s x rate/s)) units admitted in any rolling
+    `window_s`. Same interface as `_Bucket`; what was admitted leaves the window `window_s` after it came."""
+
+    __slots__ = ("per_minute", "rate", "capacity", "window_s", "used", "t", "_log")
+
+    def __init__(self, per_minute: float, window_s: float) -> None:
+        self.per_minute = float(per_minute)
+        self.rate = self.per_minute / 60.0
+        self.window_s = float(window_s)
+        self.capacity = max(1.0, window_s * self.rate)
+        self.used = 0.0
+        self.t = time.monotonic()
+        self._log: deque[tuple[float, float]] = deque()  # (admitted at, cost), oldest first
+
+    def refill(self, now: float) -> None:
+        self.t = max(self.t, now)
+        while self._log and self._log[0][0] <= self.t - self.window_s:
+            self.used -= self._log.popleft()[1]
+        if not self._log:
+            self.used = 0.0
+
+    def wait_for(self, cost: float) -> float:
+        """Seconds until ``cost`` fits the window (0 = now).  A cost above capacity needs an empty window."""
+        need = min(cost, self.capacity)
+        if self.used + need <= self.capacity + 1e-9:
+            return 0.0
+        freed = 0.0
+        for at, c in self._log:
+            freed += c
+            if self.used - freed + need <= self.capacity + 1e-9:
+                return max(0.0, at + self.window_s - self.t)
+        return self.window_s
+
+    def take(self, cost: float) -> None:
+        self._log.append((self.t, float(cost)))
+        self.used += cost
+
+    def remaining(self) -> int:
+        return max(0, int(self.per_minute - self.used))
+
+    def reset_s(self) -> float:
+        return max(0.0, self._log[-1][0] + self.window_s - self.t) if self._log else 0.0
 
 
 def _err(message: str, type_: str, code: str | None, param: str | None = None) -> dict:
@@ -899,13 +951,14 @@ class LoopbackServer:
             )
         return None
 
-    def _buckets(self) -> tuple[_Bucket | None, _Bucket | None]:
+    def _buckets(self) -> tuple[Any, Any]:
         cfg = self.config
-        key = (cfg.rpm, cfg.tpm, cfg.burst_seconds)
+        key = (cfg.rpm, cfg.tpm, cfg.burst_seconds, cfg.limit_mode)
         if key != self._buckets_key:
             self._buckets_key = key
-            self._req_bucket = _Bucket(cfg.rpm, cfg.burst_seconds) if cfg.rpm else None
-            self._tok_bucket = _Bucket(cfg.tpm, cfg.burst_seconds) if cfg.tpm else None
+            kind = _Window if cfg.limit_mode == "sliding" else _Bucket
+            self._req_bucket = kind(cfg.rpm, cfg.burst_seconds) if cfg.rpm else None
+            self._tok_bucket = kind(cfg.tpm, cfg.burst_seconds) if cfg.tpm else None
         return self._req_bucket, self._tok_bucket
 
     def _limit_headers(self, rb: _Bucket | None, tb: _Bucket | None) -> dict[str, str]:
@@ -1254,9 +1307,9 @@ class LoopbackServer:
                         self._limit_headers(rb, tb),
                     )
             if rb is not None:
-                rb.level -= 1
+                rb.take(1)
             if tb is not None:
-                tb.level -= cost
+                tb.take(cost)
         headers = self._limit_headers(rb, tb)
 
         # --- faults -------------------------------------------------------------------
@@ -1468,6 +1521,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--rpm", type=_limit, default=None, help="requests per minute (0 = unlimited)")
     p.add_argument("--tpm", type=_limit, default=None, help="tokens per minute (0 = unlimited)")
     p.add_argument("--burst-seconds", type=float, default=d.burst_seconds)
+    p.add_argument("--sliding-window", action="store_true",
+                   help="enforce rpm/tpm over any rolling --burst-seconds (OpenAI-like), not as a token bucket")
     p.add_argument("--no-headers", action="store_true", help="send no x-ratelimit-* headers")
     p.add_argument("--quota-exhausted", action="store_true", help="every request -> 429 insufficient_quota")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -1505,6 +1560,7 @@ def config_from_args(a: argparse.Namespace) -> LoopbackConfig:
         rpm=a.rpm,
         tpm=a.tpm,
         burst_seconds=a.burst_seconds,
+        limit_mode="sliding" if a.sliding_window else "bucket",
         send_headers=not a.no_headers,
         quota_exhausted=a.quota_exhausted,
         seed=a.seed,

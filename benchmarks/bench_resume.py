@@ -48,20 +48,22 @@ print(json.dumps({"images": len(index["images"]), "rows": n - 1, "s": time.perf_
 
 
 def image_id(i: int) -> str:
+    """Market-style names that sort in index order, as `prepare` writes them (sorted by image_id)."""
     pid, k = divmod(i, 10)
-    return f"bounding_box_train/{pid % 10000:04d}_c{1 + k % 6}s{1 + pid // 10000}_{i:07d}_01.jpg"
+    return f"bounding_box_train/{pid:06d}_c{1 + k // 2}s1_{i:07d}_01.jpg"
 
 
 def write_index(path: Path, root: Path, n: int) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps({"root": str(root), "dataset": "market1501"})[:-1] + ', "images": [\n')
+    """The index as `prepare` writes it (one image a line, streamed), so the load is the one users get."""
+    from pipeline.data.index import write_index as write_prepared
+
+    def images():
         for i in range(n):
             iid = image_id(i)
             pid, k = divmod(i, 10)
-            fh.write(json.dumps({"image_id": iid, "path": iid, "pid": pid % 10000, "camid": 1 + k % 6,
-                                 "split": "train"}, separators=(",", ":")))
-            fh.write(",\n" if i < n - 1 else "\n")
-        fh.write("]}\n")
+            yield {"image_id": iid, "path": iid, "pid": pid, "camid": 1 + k // 2, "split": "train"}
+
+    write_prepared({"root": str(root), "dataset": "market1501", "images": images()}, path)
 
 
 def run_cli(args: list[str], timeout_s: float, log: Path) -> common.ProcResult:

@@ -22,7 +22,6 @@ Linux and root only (it mounts a tmpfs); otherwise one line says it was skipped.
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import subprocess
@@ -49,20 +48,9 @@ from common import (  # noqa: E402
     write_index,
 )
 
+from pipeline.testing.disk import can_mount, fill, mount_tmpfs, umount  # noqa: E402
+
 BILLED_OUTCOMES = ("refusal", "apology", "content_filter", "empty")
-
-
-def fill(path: Path) -> int:
-    n = 0
-    with open(path, "wb", buffering=0) as fh:
-        chunk = b"\0" * 65536
-        while True:
-            try:
-                n += fh.write(chunk)
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
-                return n
 
 
 def count_rows(path: Path) -> int:
@@ -99,10 +87,9 @@ def one_mode(mode: str, a, work: Path, index: Path, n: int) -> str:
     temp = work / f"tmp-{mode}"
     disk.mkdir()
     temp.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={a.disk_size}", "tmpfs", str(disk)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        return f"{mode}: skipped (cannot mount a tmpfs: {mounted.stderr.strip()})"
+    why = mount_tmpfs(disk, a.disk_size)
+    if why is not None:
+        return f"{mode}: skipped ({why})"
     try:
         with Loopback("--latency", str(a.latency), "--p-refusal", str(a.p_refusal), "--seed", "3") as server:
             out = disk / "out"
@@ -150,7 +137,7 @@ def one_mode(mode: str, a, work: Path, index: Path, n: int) -> str:
         return (f"{mode}: rows lost={f['lost']} doubled={f['doubled']} paid answers lost={f['paid_lost']} "
                 f"(captioned {f['captions']:,}, failed {f['errors_final']:,} of {n:,})")
     finally:
-        subprocess.run(["umount", str(disk)], capture_output=True)
+        umount(disk)
 
 
 def main() -> int:
@@ -163,7 +150,7 @@ def main() -> int:
     p.add_argument("--retry", type=float, default=1.0, help="the run's --hold-retry (default 1 s)")
     p.add_argument("--p-refusal", type=float, default=0.03, help="share of refused (billed) answers")
     a = p.parse_args()
-    if sys.platform != "linux" or os.geteuid() != 0:
+    if not can_mount():
         say("full_disk: skipped (needs Linux and root to mount a tmpfs)")
         return 0
     n = images_wanted(a)

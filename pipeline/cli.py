@@ -75,13 +75,6 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-def _positive_float(text: str) -> float:
-    value = _non_negative_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
-    return value
-
-
 def _fraction(text: str) -> float:
     value = _non_negative_float(text)
     if value >= 1:
@@ -175,7 +168,7 @@ def build_parser(prog: str = "python -m pipeline") -> argparse.ArgumentParser:
     r.add_argument("--max-tokens", type=_positive_int, default=300, help="answer length cap in tokens (default 300)")
     r.add_argument("--temperature", type=_non_negative_float, default=None)
     r.add_argument("--captions-per-image", type=_positive_int, default=1, help="captions per image and prompt (default 1)")
-    r.add_argument("--timeout", type=_positive_float, default=60.0,
+    r.add_argument("--timeout", type=_positive_seconds, default=60.0,
                    help="longest a request may take before it is abandoned and retried (default 60); once the run "
                         "has 20 answers, a request is abandoned sooner, after 4x their 99th-percentile latency "
                         "(at least 1 s)")
@@ -242,8 +235,8 @@ def build_parser(prog: str = "python -m pipeline") -> argparse.ArgumentParser:
     pr.add_argument("--provider", choices=provider_names(), default=DEFAULT_PROVIDER,
                     help="whose API: endpoint and key variable, as for `run` (default openai)")
     pr.add_argument("--api-version", default=None, help="Azure OpenAI api-version")
-    pr.add_argument("--timeout", type=_positive_float, default=30.0, help="seconds per request (default 30)")
-    pr.add_argument("--budget", type=_positive_float, default=120.0, metavar="S",
+    pr.add_argument("--timeout", type=_positive_seconds, default=30.0, help="seconds per request (default 30)")
+    pr.add_argument("--budget", type=_positive_seconds, default=120.0, metavar="S",
                     help="seconds the probe may take; latency levels not started by then are skipped (default 120)")
     pr.add_argument("--json", action="store_true", help="print JSON instead of a table")
     pr.add_argument("--save", type=Path, default=None, metavar="FILE",

@@ -10,8 +10,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -24,6 +22,7 @@ from pipeline.ledger import appendfile, pending
 from pipeline.ledger.appendfile import append_bytes, describe_write_error, header_bytes, records_bytes
 from pipeline.ledger.pending import HeldFile, find_pending, folder_tag, merge_pending, save_pending
 from pipeline.ledger.outputs import CAPTION_COLUMNS, ERROR_COLUMNS
+from pipeline.testing import disk as tmpfs
 from test_run import check_captions_belong, run_args
 
 NO_CRASH = ("internal error", "Traceback", "ExceptionGroup")
@@ -262,28 +261,9 @@ def test_preflight_refuses_a_captions_file_that_cannot_be_opened(
 
 
 def _mount_tmpfs(where: Path, size: str) -> None:
-    if sys.platform != "linux" or os.geteuid() != 0:
-        pytest.skip("a tmpfs mount needs Linux and root")
-    where.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-
-
-def _fill(path: Path) -> int:
-    """Write until the device is full; returns the bytes written."""
-    n = 0
-    with open(path, "wb", buffering=0) as fh:
-        chunk = b"\0" * 65536
-        while True:
-            try:
-                n += fh.write(chunk)
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
-                break
-    return n
+    why = tmpfs.mount_tmpfs(where, size)
+    if why is not None:
+        pytest.skip(why)
 
 
 def test_a_real_full_disk_freed_mid_run_loses_and_doubles_nothing(cli, server, api_env, prompt_file, tmp_path):
@@ -306,7 +286,7 @@ def test_a_real_full_disk_freed_mid_run_loses_and_doubles_nothing(cli, server, a
             t.start()
         assert wait_for_rows(out / "captions_all.csv", 10) >= 10
         filler = disk / "filler"
-        _fill(filler)
+        tmpfs.fill(filler)
         deadline = time.monotonic() + 15
         while not any("cannot be written" in ln for ln in err) and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -327,7 +307,7 @@ def test_a_real_full_disk_freed_mid_run_loses_and_doubles_nothing(cli, server, a
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
-        subprocess.run(["umount", str(disk)], capture_output=True)
+        tmpfs.umount(disk)
 
 
 def test_ctrl_c_while_the_disk_is_full_saves_held_answers_in_temp_and_next_run_merges_them(
@@ -355,7 +335,7 @@ def test_ctrl_c_while_the_disk_is_full_saves_held_answers_in_temp_and_next_run_m
         reader.start()
         assert wait_for_rows(out / "captions_all.csv", 5) >= 5
         filler = disk / "filler"
-        _fill(filler)
+        tmpfs.fill(filler)
         deadline = time.monotonic() + 15
         while not any("cannot be written" in ln for ln in err) and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -384,7 +364,7 @@ def test_ctrl_c_while_the_disk_is_full_saves_held_answers_in_temp_and_next_run_m
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
-        subprocess.run(["umount", str(disk)], capture_output=True)
+        tmpfs.umount(disk)
 
 
 def test_errors_csv_held_by_another_program_keeps_its_rows_for_the_next_start(

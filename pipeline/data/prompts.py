@@ -252,9 +252,3 @@ def billed_text(prompt: Prompt, rendered: str) -> str:
     if prompt.schema is None:
         return rendered
     return rendered + json.dumps(prompt.schema, separators=(",", ":"))
-
-
-
-def prompt_hash(prompt: Prompt) -> str:
-    """The prompt's fingerprint (see `Prompt.fingerprint`): what rows and the manifest record."""
-    return prompt.fingerprint

@@ -127,25 +127,13 @@ class DoneKeys(DigestSet):
 
     def add_key(self, image_id: str, prompt_name: str, index: int) -> None:
         """`add((image_id, prompt_name, index))` without making the tuple (a reader's million rows)."""
-        digest = text_digest(f"{image_id}{SEP}{prompt_name}{SEP}{index}")
-        b = (digest >> _BUCKET_SHIFT) & 0xFF
-        self._buckets[b].append(digest)
-        self._dirty.add(b)
+        self.add_digest(text_digest(f"{image_id}{SEP}{prompt_name}{SEP}{index}"))
 
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, tuple) or len(key) != 3:
             return False
         image_id, prompt_name, index = key
-        digest = text_digest(f"{image_id}{SEP}{prompt_name}{SEP}{index}")
-        b = (digest >> _BUCKET_SHIFT) & 0xFF
-        if b in self._dirty:
-            self._sort(b)
-        sub = (digest >> _SUB_SHIFT) & 0xFF
-        starts = self._starts[b]
-        bucket = self._buckets[b]
-        hi = starts[sub + 1]
-        i = bisect_left(bucket, digest, starts[sub], hi)
-        return i < hi and bucket[i] == digest
+        return self.has_digest(text_digest(f"{image_id}{SEP}{prompt_name}{SEP}{index}"))
 
     def __iter__(self):  # pragma: no cover - a guard, never a feature
         raise TypeError("DoneKeys holds digests, not keys: it cannot be iterated")

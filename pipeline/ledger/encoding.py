@@ -47,11 +47,6 @@ def file_bom(path: Path) -> bool | None:
     return head == BOM
 
 
-def csv_files(out_dir: Path) -> list[Path]:
-    """The CSV files a run writes in `out_dir`, captions_all.csv first, then errors, attributes, the parts."""
-    return list(iter_csv_files(out_dir))
-
-
 def iter_csv_files(out_dir: Path) -> Iterator[Path]:
     """`csv_files`, lazily: the first file with bytes decides (`folder_bom`), so 50,000 parts are
     listed only when none of the first files has any."""

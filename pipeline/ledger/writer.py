@@ -226,10 +226,6 @@ class OutputWriter:
         """Answer rows queued but not yet on disk (parts not counted: they are copies)."""
         return sum(len(q.records) for q in self._queues.values() if q.answers)
 
-    @property
-    def held_part_rows(self) -> int:
-        return sum(len(q.records) for q in self._queues.values() if not q.answers)
-
     def _ordered(self) -> list[FileQueue]:
         """captions_all.csv first (the record of what is done), then its parts, errors.csv, attributes.csv."""
         rank = {CAPTIONS_ALL: 0, ERRORS: 2, ATTRIBUTES: 3}
@@ -358,10 +354,6 @@ class _Holding:
         self.gate_closed = False
         self.parts_noted: set[str] = set()
         self.failed_parts: set[str] = set()  # parts that failed themselves (not only waiting on captions_all)
-
-    @property
-    def active(self) -> bool:
-        return bool(self.failing)
 
     def due(self) -> bool:
         return anyio.current_time() >= self.next_try

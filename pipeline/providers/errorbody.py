@@ -20,7 +20,7 @@ without a server. Messages are only ever shown, never matched: classification re
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable
 
 __all__ = ["error_message", "error_code", "error_type", "one_line"]
 
@@ -109,6 +109,33 @@ def _reason(details: Any) -> str | None:
     return None
 
 
+def _first_found(body: Any, own: Callable[[dict], str | None]) -> str | None:
+    """`own(obj)` of the innermost error object that says something: a list is read item by item
+    (Gemini), an `error` object or list inside is asked before its parent."""
+    if isinstance(body, list):
+        for item in body:
+            found = _first_found(item, own)
+            if found:
+                return found
+        return None
+    if not isinstance(body, dict):
+        return None
+    inner = body.get("error")
+    if isinstance(inner, (dict, list)):
+        found = _first_found(inner, own)
+        if found:
+            return found
+    return own(body)
+
+
+def _text(value: Any) -> str | None:
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def _own_code(obj: dict) -> str | None:
+    return _text(obj.get("code")) or _reason(obj.get("details")) or _text(obj.get("status"))
+
+
 def error_code(body: Any) -> str | None:
     """The machine-readable error code in an error body of any shape (None if it holds none).
 
@@ -117,45 +144,9 @@ def error_code(body: Any) -> str | None:
     (API_KEY_INVALID), then Google's `status` (RESOURCE_EXHAUSTED). A numeric `code` is Google's copy of
     the HTTP status and says nothing the status does not, so it is skipped.
     """
-    if isinstance(body, list):
-        for item in body:
-            found = error_code(item)
-            if found:
-                return found
-        return None
-    if not isinstance(body, dict):
-        return None
-    inner = body.get("error")
-    if isinstance(inner, (dict, list)):
-        found = error_code(inner)
-        if found:
-            return found
-    code = body.get("code")
-    if isinstance(code, str) and code.strip():
-        return code.strip()
-    reason = _reason(body.get("details"))
-    if reason:
-        return reason
-    status = body.get("status")
-    if isinstance(status, str) and status.strip():
-        return status.strip()
-    return None
+    return _first_found(body, _own_code)
 
 
 def error_type(body: Any) -> str | None:
     """OpenAI's error `type` (e.g. "insufficient_quota", "invalid_request_error"), wherever it sits."""
-    if isinstance(body, list):
-        for item in body:
-            found = error_type(item)
-            if found:
-                return found
-        return None
-    if not isinstance(body, dict):
-        return None
-    inner = body.get("error")
-    if isinstance(inner, dict):
-        found = error_type(inner)
-        if found:
-            return found
-    value = body.get("type")
-    return value.strip() if isinstance(value, str) and value.strip() else None
+    return _first_found(body, lambda obj: _text(obj.get("type")))

@@ -17,7 +17,7 @@ import anyio
 from anyio.abc import ObjectSendStream
 
 from pipeline.data.index import image_ids
-from pipeline.data.prompts import has_templates, prompt_hash
+from pipeline.data.prompts import has_templates
 from pipeline.records import IndexEntry, Prompt
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ class Job:
 
     @property
     def prompt_hash(self) -> str:
-        return prompt_hash(self.prompt)
+        return self.prompt.fingerprint
 
 
 def captions_wanted(prompt: Prompt, captions_per_image: int) -> int:

@@ -48,8 +48,9 @@ def file_bom(path: Path) -> bool | None:
 
 
 def iter_csv_files(out_dir: Path) -> Iterator[Path]:
-    """`csv_files`, lazily: the first file with bytes decides (`folder_bom`), so 50,000 parts are
-    listed only when none of the first files has any."""
+    """The CSV files a run writes in `out_dir` (captions_all.csv, errors, attributes, then the parts),
+    lazily: the first file with bytes decides (`folder_bom`), so 50,000 parts are listed only when none
+    of the first files has any."""
     out_dir = Path(out_dir)
     for name in _FIRST_NAMES:
         yield out_dir / name

@@ -5,10 +5,13 @@ captions_all.csv).
 The folder is written directly with the `csv` module, as a finished run leaves it: captions_all.csv with
 realistic rows (the bundled base prompt's full text in every row, a ~200-character caption), one
 captions_part_NNNNN.csv per 20 images, manifest.json (from a real one-image run on the same index, so the
-inputs match) and the parts' in-step record (`pipeline.ledger.partstate`) a finished run writes. Only the
-last 10 images exist as files; the run uses the offline backend (no server: the figure is the tool's own
-start-up and resume cost). `--crash` leaves the in-step record out: the start a killed run gets, which
-re-reads every part.
+inputs match), and what a finished run leaves beside them: the parts' in-step record
+(`pipeline.ledger.partstate`) and the done-keys snapshot of captions_all.csv (`pipeline.ledger.donesnap`).
+Only the last 10 images exist as files; the run uses the offline backend (no server: the figure is the
+tool's own start-up and resume cost). `--crash`: the folder a run killed near its end leaves: the records
+of its start (999,000 rows), 990 rows appended since, the last batch in captions_all.csv but not in its
+part; the start reads what the killed run added. `--crash-first`: a killed first run, no record at all:
+the start reads captions_all.csv and every part (the worst case).
 
 Targets (issue 12): time <= 2x the plain read, peak RSS <= 300 MB at 1M images, <= 1 GB at 5M
 (`--images 5000000`, a few minutes and ~4 GB of disk).
@@ -26,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # the package, from a checkout
 
 import common  # noqa: E402
 
@@ -73,42 +77,63 @@ def run_cli(args: list[str], timeout_s: float, log: Path) -> common.ProcResult:
                                    stdout=fh, stderr=subprocess.STDOUT)
 
 
-def write_folder(out: Path, n: int, prompt_text: str, phash: str) -> tuple[int, float]:
-    """captions_all.csv and the parts for images 0..n-LEFT-1; returns (captions_all.csv bytes, part count)."""
+KILLED = 990  # --crash: rows the killed run appended after its start (its last batch missing from the parts)
+
+
+def write_folder(out: Path, n: int, prompt_text: str, phash: str, at_start=None) -> tuple[int, float]:
+    """captions_all.csv and the parts for images 0..n-LEFT-1, a batch at a time as a run appends them;
+    returns (captions_all.csv bytes, part count). `at_start()` is called once the first n-LEFT-KILLED rows
+    are written (the killed run's start); after it, the last batch reaches captions_all.csv only."""
     from pipeline.ledger.outputs import CAPTION_COLUMNS, part_digits, part_name
 
     digits = part_digits(n - 1, BATCH)
     done = n - LEFT
-    parts = 0
-    with open(out / "captions_all.csv", "w", encoding="utf-8", newline="") as fa:
+    parts = set()
+    fa = open(out / "captions_all.csv", "w", encoding="utf-8", newline="")
+    try:
         wa = csv.writer(fa, lineterminator="\r\n")
         wa.writerow(CAPTION_COLUMNS)
         for start in range(0, done, BATCH):
+            if at_start is not None and start == done - KILLED:
+                fa.close()
+                at_start()
+                fa = open(out / "captions_all.csv", "a", encoding="utf-8", newline="")
+                wa = csv.writer(fa, lineterminator="\r\n")
             recs = []
             for i in range(start, min(done, start + BATCH)):
                 recs.append([image_id(i), prompt_text, f"{CAPTION} ({i})", "2026-11-26T05:00:00.123456+00:00",
                              common.MODEL, "2915", "48", "0.00046605", "base", "0", "1", "0.842", phash])
             wa.writerows(recs)
-            with open(out / part_name(start, BATCH, digits), "w", encoding="utf-8", newline="") as fp:
+            if at_start is not None and start + BATCH >= done:
+                break  # killed between captions_all.csv and the parts of its last batch
+            name = part_name(start, BATCH, digits)
+            with open(out / name, "a", encoding="utf-8", newline="") as fp:
                 wp = csv.writer(fp, lineterminator="\r\n")
-                wp.writerow(CAPTION_COLUMNS)
+                if name not in parts:
+                    wp.writerow(CAPTION_COLUMNS)
                 wp.writerows(recs)
-            parts += 1
-    return (out / "captions_all.csv").stat().st_size, parts
+            parts.add(name)
+    finally:
+        fa.close()
+    return (out / "captions_all.csv").stat().st_size, len(parts)
 
 
 def main(argv=None) -> int:
     p = common.make_parser("resume", __doc__.splitlines()[0], images=1_000_000, quick_images=100_000,
                            timeout=1800.0)
-    p.add_argument("--crash", action="store_true", help="no in-step record of the parts (a killed run's folder)")
+    p.add_argument("--crash", action="store_true",
+                   help=f"a killed run's folder: its start's records, {KILLED} rows appended since, its last batch "
+                        "in captions_all.csv only")
+    p.add_argument("--crash-first", action="store_true",
+                   help="a killed first run's folder: no record of the parts, no done-keys snapshot")
     p.add_argument("--repeat", type=int, default=None, help="interleaved rounds, median reported (default 3; --quick 1)")
     a = p.parse_args(argv)
     n = common.images_wanted(a)
     a.repeat = a.repeat or (1 if a.quick else 3)
-    from pipeline.data.prompts import load_prompts, prompt_hash
-    from pipeline.ledger import partstate
+    from pipeline.data.prompts import load_prompts
+    from pipeline.ledger import donesnap, partstate
     from pipeline.ledger.inputs import fingerprint_file
-    from pipeline.ledger.outputs import part_digits
+    from pipeline.ledger.outputs import part_digits, part_name, tally_clean_captions
 
     prompt = load_prompts([common.PROMPT_FILE])[0]
     real = common.ensure_images(LEFT)
@@ -128,25 +153,42 @@ def main(argv=None) -> int:
             (out / name).unlink(missing_ok=True)
         for part in out.glob("captions_part_*.csv"):
             part.unlink()
-        size, parts = write_folder(out, n, prompt.text, prompt_hash(prompt))
-        if not a.crash:
-            partstate.record(out, batch_size=BATCH, digits=part_digits(n - 1, BATCH),
-                             index_key=fingerprint_file(index).sha256)
-        common.detail(f"folder: {n - LEFT:,} rows, captions_all.csv {size / 1e6:,.0f} MB "
+        partstate.forget(out)  # what the setup run left describes its own one-row folder
+        donesnap.forget(out)
+        index_key = fingerprint_file(index).sha256
+        digits = part_digits(n - 1, BATCH)
+
+        def records() -> None:  # what a start (or a finished run) leaves beside the CSV files
+            donesnap.save(out, tally_clean_captions(out / "captions_all.csv"))
+            partstate.record(out, batch_size=BATCH, digits=digits, index_key=index_key)
+
+        size, parts = write_folder(out, n, prompt.text, prompt.fingerprint, records if a.crash else None)
+        if not a.crash and not a.crash_first:
+            records()
+        kept = {name: (out / name).read_bytes() for name in (partstate.STATE_FILE, donesnap.SNAP_FILE)
+                if (out / name).exists()}
+        path = "killed run" if a.crash else "killed first run" if a.crash_first else "clean"
+        common.detail(f"folder ({path}): {n - LEFT:,} rows, captions_all.csv {size / 1e6:,.0f} MB "
                       f"({size / (n - LEFT) * 1e6 / 1e6:,.0f} MB per million rows), {parts:,} parts; "
                       f"index {index.stat().st_size / 1e6:,.0f} MB; setup run rc={first.rc}")
-        index_key = fingerprint_file(index).sha256
-        last_part = sorted(out.glob("captions_part_*.csv"))[-1]
-        saved_part = last_part.read_bytes()
+        last_part = out / part_name(n - 1, BATCH, digits)
+        saved_part = last_part.read_bytes() if last_part.exists() else None
         rounds = []
         for r in range(a.repeat):
-            if r:  # back to 999,990 rows: cut the 10 new ones, the last part as it was, the record anew
+            if r:  # back to 999,990 rows: cut the 10 new ones, the last part and the records as they were
                 with open(out / "captions_all.csv", "r+b") as fh:
                     fh.truncate(size)
-                last_part.write_bytes(saved_part)
+                if saved_part is None:
+                    last_part.unlink(missing_ok=True)
+                else:
+                    last_part.write_bytes(saved_part)
                 (out / "errors.csv").unlink(missing_ok=True)
-                if not a.crash:
-                    partstate.record(out, batch_size=BATCH, digits=part_digits(n - 1, BATCH), index_key=index_key)
+                partstate.forget(out)
+                donesnap.forget(out)
+                for name, data in kept.items():
+                    (out / name).write_bytes(data)
+                if not a.crash and not a.crash_first:
+                    records()  # the clean folder's records name captions_all.csv's size and time: anew
             with tempfile.TemporaryFile() as fh:
                 base_proc = common.run_measured(
                     [sys.executable, "-c", BASELINE, str(index), str(out / "captions_all.csv")],
@@ -173,7 +215,7 @@ def main(argv=None) -> int:
             f"resume: images={n} done_rows={n - LEFT} left={LEFT} time={run.wall_s:.2f}s plain_read={base_proc.wall_s:.2f}s "
             f"ratio={ratio:.2f} (median of {len(rounds)}; target <=2) peak_rss={peak:.0f}MiB "
             f"(target {'<=300' if n <= 1_000_000 else '<=1024'}) captions_all={size / (n - LEFT) * 1e6 / 2**20:.0f}MiB/1M rows "
-            f"captioned={captioned} path={'crash' if a.crash else 'clean'}"
+            f"captioned={captioned} path={path.replace(' ', '_')}"
         )
     return 0 if run.rc == 0 and captioned == LEFT else 1
 

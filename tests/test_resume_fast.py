@@ -112,27 +112,29 @@ def test_parts_in_step_are_not_read_and_any_change_is(tmp_path):
 
         return recover_folder(out, batch_size=2, positions=make, index_key="idx", last_position=5, **kw), asked
 
-    rec, asked = start()  # no record yet: the full recovery, which records the parts at its end
-    assert rec.captions is None and asked == [1] and (out / partstate.STATE_FILE).exists()
+    rec, asked = start()  # no record yet: the parts are checked (streamed), and recorded at the end
+    assert rec.captions is not None and asked == [1] and (out / partstate.STATE_FILE).exists()
     rec, asked = start()  # in step: one clean pass, no part read, no positions made
     assert rec.captions is not None and rec.captions.rows == 6 and asked == [] and rec.notes == []
-    assert recover_folder(out, batch_size=2, positions=positions, index_key="other").captions is None  # another index
-    assert recover_folder(out, batch_size=3, positions=positions, index_key="idx").captions is None  # re-split
-    recover_folder(out, batch_size=2, positions=positions, index_key="idx")  # back to 2: recorded again
+    assert not partstate.in_step(out, batch_size=2, digits=4, index_key="other")  # another index
+    rec = recover_folder(out, batch_size=3, positions=positions, index_key="idx", previous_batch_size=2)
+    assert rec.captions is None and any("re-split" in n for n in rec.notes)  # the full path
+    rec = recover_folder(out, batch_size=2, positions=positions, index_key="idx", previous_batch_size=3)
+    assert rec.captions is None and [r["image_id"] for r in rows(out / "captions_part_0002.csv")] == [recs[4][0], recs[5][0]]
 
     part = out / "captions_part_0001.csv"
     data = part.read_bytes()
     part.write_bytes(data.replace(b"2900", b"29x0", 1))  # a hand edit of the same size
     st = part.stat()
     os.utime(part, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
-    rec, asked = start()
-    assert rec.captions is None and asked == [1]
+    rec, asked = start()  # the part's digest sum differs: checked and rebuilt, captions_all.csv read clean
+    assert rec.captions is not None and asked == [1]
     assert any("captions_part_0001.csv" in n for n in rec.notes)
     assert [r["image_id"] for r in rows(part)] == [recs[2][0], recs[3][0]]  # rebuilt from captions_all.csv
 
     part.unlink()  # a deleted part
     rec, asked = start()
-    assert rec.captions is None and [r["image_id"] for r in rows(part)] == [recs[2][0], recs[3][0]]
+    assert asked == [1] and [r["image_id"] for r in rows(part)] == [recs[2][0], recs[3][0]]
 
     with open(out / "captions_all.csv", "ab") as fh:  # a torn tail in captions_all.csv (a run killed)
         fh.write(b"train/9999.jpg,half a row")

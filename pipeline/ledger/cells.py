@@ -35,3 +35,14 @@ def float_cell(value: str | None, default: float = 0.0) -> float:
         return float(value) if value not in (None, "") else default
     except ValueError:
         return default
+
+
+def answer_cell(value: object) -> str:
+    """One field of a structured answer as attributes.csv shows it: yes/no for booleans, `;` between list items."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (list, tuple)):
+        return ";".join(str(v) for v in value)
+    return str(value)

@@ -9,14 +9,17 @@ bucket's ints while it is sorted.
 
 Why a hash and not the exact keys: the exact keys are the strings themselves (~60-100 bytes each, more
 than the whole budget at 5 million rows). The price is a false "done": a key not in the set whose digest
-equals a member's. The digest is Python's own string hash, SipHash-1-3 with a per-process random key
-(64 bits on 64-bit builds; a 32-bit build uses BLAKE2b's 64-bit digest instead), which behaves as a
-random function: with n keys held and m keys asked, the chance that *any* asked key is wrongly taken as
-done is about m * n / 2**64: 5e-8 for a million of each, 1.4e-6 for 5 million of each. Such an item would
-be skipped, never paid twice; `status` would count one caption too many. The key changes with every
-process, so a collision does not repeat in the next run, which asks the item. The digests are never
-written anywhere: the set is built and asked in one process. SipHash is ~5x cheaper than BLAKE2b here
-(0.2 against 1 microsecond a key), which is most of the cost of asking a million keys twice.
+equals a member's. A done key's digest is the first 8 bytes of its BLAKE2b hash, a stable function (the
+same in every process), because the set is also kept on disk between runs (`pipeline.ledger.donesnap`:
+a resume loads 8 MB of digests instead of reading a million rows). It behaves as a random function: with
+n keys held and m keys asked, the chance that *any* asked key is wrongly taken as done is about
+m * n / 2**64: 5e-8 for a million of each, 1.4e-6 for 5 million of each. Such an item would be skipped,
+never paid twice; `status` would count one caption too many. (BLAKE2b costs ~0.45 microseconds a key,
+about 0.35 more than Python's own string hash: 0.35 s to ask a million keys.)
+
+`DistinctStrings` (distinct images, for `status`) is never kept on disk, so it uses Python's own string
+hash (SipHash-1-3 with a per-process key, 64 bits on 64-bit builds; BLAKE2b on 32-bit builds), which is
+cheaper and also behaves as a random function.
 """
 
 from __future__ import annotations
@@ -37,13 +40,14 @@ def _blake2b(text: str) -> int:
                           "little", signed=True)
 
 
-# the string's own hash where it has 64 bits (module docstring), else BLAKE2b
+# the string's own hash where it has 64 bits (module docstring), else BLAKE2b: in-process sets only
 text_digest = hash if sys.hash_info.width >= 64 else _blake2b
+stable_digest = _blake2b  # the same in every process: done keys, which are also kept on disk
 
 
 def key_digest(image_id: str, prompt_name: str, caption_index: int) -> int:
     """The signed 64-bit digest of one done key (see the module docstring for collision odds)."""
-    return text_digest(f"{image_id}{SEP}{prompt_name}{SEP}{caption_index}")
+    return stable_digest(f"{image_id}{SEP}{prompt_name}{SEP}{caption_index}")
 
 
 _NO_STARTS = array("q", bytes(8 * 257))
@@ -86,13 +90,44 @@ class DigestSet:
 
     def _sort(self, b: int) -> None:
         """Sort one bucket, drop repeats (a key written twice), note where each sub-range starts."""
-        bucket = array("q", sorted(set(self._buckets[b])))
-        self._buckets[b] = bucket
+        self._buckets[b] = array("q", sorted(set(self._buckets[b])))
+        self._note_starts(b)
+        self._dirty.discard(b)
+
+    def _note_starts(self, b: int) -> None:
+        bucket = self._buckets[b]
         top = b << _BUCKET_SHIFT
         starts = array("q", (bisect_left(bucket, _signed(top | (s << _SUB_SHIFT))) for s in range(256)))
         starts.append(len(bucket))
         self._starts[b] = starts
-        self._dirty.discard(b)
+
+    def sorted_digests(self) -> array:
+        """Every member once, sorted bucket by bucket (the order `from_sorted` takes back)."""
+        self.freeze()
+        out = array("q")
+        for bucket in self._buckets:
+            out.extend(bucket)
+        return out
+
+    def add_sorted(self, digests: array) -> None:
+        """Fill an empty set with what `sorted_digests` gave: no sort, only the sub-range starts noted.
+
+        The buckets come in bucket order, 0-127 (digests >= 0) then 128-255 (< 0): two sorted runs."""
+        if any(len(bucket) for bucket in self._buckets):
+            raise ValueError("add_sorted needs an empty set")
+        n = len(digests)
+        split = bisect_left(digests, True, key=lambda d: d < 0)  # where the negative run starts
+        lo = 0
+        for b in range(256):
+            hi = split if b < 128 else n
+            if b not in (127, 255):
+                hi = bisect_left(digests, _signed((b + 1) << _BUCKET_SHIFT), lo, hi)
+            if hi > lo:
+                self._buckets[b] = digests[lo:hi]
+                self._note_starts(b)
+            lo = hi
+        if lo != n:
+            raise ValueError("digests not in sorted_digests order")
 
     def freeze(self) -> "DigestSet":
         """Sort every bucket now (a reader that then only queries pays no sort on the first look-up)."""
@@ -127,13 +162,13 @@ class DoneKeys(DigestSet):
 
     def add_key(self, image_id: str, prompt_name: str, index: int) -> None:
         """`add((image_id, prompt_name, index))` without making the tuple (a reader's million rows)."""
-        self.add_digest(text_digest(f"{image_id}{SEP}{prompt_name}{SEP}{index}"))
+        self.add_digest(stable_digest(f"{image_id}{SEP}{prompt_name}{SEP}{index}"))
 
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, tuple) or len(key) != 3:
             return False
         image_id, prompt_name, index = key
-        return self.has_digest(text_digest(f"{image_id}{SEP}{prompt_name}{SEP}{index}"))
+        return self.has_digest(stable_digest(f"{image_id}{SEP}{prompt_name}{SEP}{index}"))
 
     def __iter__(self):  # pragma: no cover - a guard, never a feature
         raise TypeError("DoneKeys holds digests, not keys: it cannot be iterated")

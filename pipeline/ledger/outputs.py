@@ -19,20 +19,22 @@ import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from pipeline.errors import OutputError
 from pipeline.ledger import csvscan, quarantine
+from pipeline.ledger.cells import answer_cell as _cell
 from pipeline.ledger.cells import cost_cell, cost_value
 from pipeline.ledger.cells import float_cell as _float
 from pipeline.ledger.cells import int_cell as _int
 from pipeline.ledger.costs import Spent, rows_spent
-from pipeline.ledger.donekeys import DistinctStrings, DoneKeys
+from pipeline.ledger.donekeys import SEP, DistinctStrings, DoneKeys, stable_digest
 from pipeline.records import AttributeRow, CaptionRow, ErrorRow
 
 CAPTIONS_ALL = "captions_all.csv"
 ERRORS = "errors.csv"
 ATTRIBUTES = "attributes.csv"
+CAPTIONS_REPLACED = "captions_replaced.csv"  # rows moved out by `run --redo` (pipeline.ledger.redo)
 MANIFEST = "manifest.json"
 PART_PATTERN = "captions_part_{:0{digits}d}.csv"
 PART_GLOB = "captions_part_*.csv"
@@ -80,6 +82,9 @@ ATTRIBUTE_META_COLUMNS = [
 
 # attributes.csv: the meta columns, the slot and prompt version, then one column per schema field.
 ATTRIBUTE_ROW_COLUMNS = ATTRIBUTE_META_COLUMNS + ["caption_index", "prompt_hash"]
+
+# captions_replaced.csv (`run --redo`): a replaced row as it was, when, and by which review
+REPLACED_COLUMNS = CAPTION_COLUMNS + ["replaced_at", "review_file", "review_sha256"]
 
 ENCODING_WRITE = "utf-8"  # never a BOM from the codec: `bom=True` writes one, at a file's start only
 ENCODING_READ = "utf-8-sig"  # a BOM, if there is one, never reaches a column name
@@ -208,16 +213,6 @@ def attribute_row_record(row: AttributeRow, field_names: list[str]) -> list[str]
     return rec[:n] + [str(row.caption_index), row.prompt_hash] + rec[n:]
 
 
-def _cell(value: object) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, (list, tuple)):
-        return ";".join(str(v) for v in value)
-    return str(value)
-
-
 def to_csv_text(records: Iterable[list[str]]) -> str:
     """Format records as CSV text (for one buffered write)."""
     buf = io.StringIO()
@@ -297,6 +292,7 @@ class CaptionTally:
     unknown: int = 0
     completion_tokens: int = 0  # sum over rows with completion_tokens > 0 (the dry-run's answer length)
     measured_rows: int = 0  # rows with completion_tokens > 0
+    saved: bool = False  # already on disk as the done-keys snapshot of the file as it is (`donesnap`)
 
     def add(self, rec: list[str]) -> None:
         """One record in CAPTION_COLUMNS order (a file with older columns is mapped first)."""
@@ -320,8 +316,21 @@ class CaptionTally:
         for d in rows:
             self.add([d.get(c) or "" for c in CAPTION_COLUMNS])
 
+    def merge(self, other: "CaptionTally") -> None:
+        """Add what `other` counted (rows appended after this tally was made) to this one."""
+        for digest in other.keys.sorted_digests():
+            self.keys.add_digest(digest)
+        self.rows += other.rows
+        self.usd += other.usd
+        self.unknown += other.unknown
+        self.completion_tokens += other.completion_tokens
+        self.measured_rows += other.measured_rows
+        self.saved = False
 
-def tally_clean_captions(path: Path, *, count_images: bool = False) -> CaptionTally | None:
+
+def tally_clean_captions(path: Path, *, count_images: bool = False, start: int = 0,
+                         into: CaptionTally | None = None,
+                         each: Callable[[str, int], None] | None = None) -> CaptionTally | None:
     """One streaming pass of the `csv` module over captions_all.csv, keeping no row (the fast path).
 
     Returns None when the file is not clean with the current header: missing, another header (older
@@ -329,25 +338,32 @@ def tally_clean_captions(path: Path, *, count_images: bool = False) -> CaptionTa
     are not UTF-8. The caller then takes the careful path (`read_table`, which holds the file's bytes),
     so damage is handled exactly as before; a clean file is read in one pass in about the time the
     `csv` module needs, with memory for the digests only. `count_images`: also count distinct images.
+
+    `start` > 0: read only the rows from that byte offset on (a record boundary after the header) and
+    add them to `into` (the done-keys snapshot's tally, `pipeline.ledger.donesnap`); on None, `into`
+    may hold some of them and must be dropped. `each(image_id, key digest)` is called for every row
+    (the start's recovery sums what each part file must hold, `pipeline.ledger.recover`).
     """
     try:
         size = path.stat().st_size
-        if size == 0:
+        if size == 0 or size < start:
             return None
+        if size > start:
+            with open(path, "rb") as fb:
+                fb.seek(size - 1)
+                if fb.read(1) != b"\n":
+                    return None  # a torn tail (or no terminator at all): the careful path cuts it
+        tally = into if into is not None else CaptionTally(images=DistinctStrings() if count_images else None)
         with open(path, "rb") as fb:
-            fb.seek(size - 1)
-            if fb.read(1) != b"\n":
-                return None  # a torn tail (or no terminator at all): the careful path cuts it
-        tally = CaptionTally(images=DistinctStrings() if count_images else None)
-        with open(path, encoding=ENCODING_READ, newline="") as fh:
+            fb.seek(start)
+            fh = io.TextIOWrapper(fb, encoding=ENCODING_READ if start == 0 else ENCODING_WRITE, newline="")
             reader = csv.reader(fh, strict=True)
-            header = next(reader, None)
-            if header != CAPTION_COLUMNS:
+            if start == 0 and next(reader, None) != CAPTION_COLUMNS:
                 return None
-            valid = csvscan.Validator(header, csvscan.COLUMN_PATTERNS)
+            valid = csvscan.Validator(CAPTION_COLUMNS, csvscan.COLUMN_PATTERNS)
             # `CaptionTally.add` inlined (a million rows): the validator has checked every typed cell, so
             # a number cell is digits or empty and a cost cell a float or empty
-            add_key = tally.keys.add_key
+            add_digest = tally.keys.add_digest
             add_image = tally.images.add if tally.images is not None else None
             rows = measured = ctoks = unknown = 0
             usd = 0.0
@@ -358,7 +374,10 @@ def tally_clean_captions(path: Path, *, count_images: bool = False) -> CaptionTa
                 if not valid(rec):
                     return None
                 image_id, index = rec[i_id], rec[i_ix]
-                add_key(image_id, rec[i_pn] or "base", int(index) if index else 0)
+                digest = stable_digest(f"{image_id}{SEP}{rec[i_pn] or 'base'}{SEP}{int(index) if index else 0}")
+                add_digest(digest)
+                if each is not None:
+                    each(image_id, digest)
                 if add_image is not None:
                     add_image(image_id)
                 rows += 1
@@ -372,8 +391,11 @@ def tally_clean_captions(path: Path, *, count_images: bool = False) -> CaptionTa
                     usd += float(cost)
                 elif ctok > 0 or (rec[i_pt] and int(rec[i_pt]) > 0):
                     unknown += 1
-            tally.rows, tally.measured_rows, tally.completion_tokens = rows, measured, ctoks
-            tally.usd, tally.unknown = usd, unknown
+            tally.rows += rows
+            tally.measured_rows += measured
+            tally.completion_tokens += ctoks
+            tally.usd += usd
+            tally.unknown += unknown
         return tally
     except (OSError, csv.Error, UnicodeDecodeError, ValueError):
         return None
@@ -393,7 +415,7 @@ class DoneRead:
 
     keys: DoneKeys
     images: DistinctStrings | None  # distinct images captioned (None: not counted, `count_images=False`)
-    cost_usd: float  # known part of the folder's spent total (captions + attributes + errors)
+    cost_usd: float  # known part of the folder's spent total (captions + attributes + errors + replaced)
     caption_count: int  # whole rows of captions_all.csv
     attribute_rows: int
     cut_bytes: dict[str, int]  # file name -> torn tail cut (repair) or skipped
@@ -461,6 +483,8 @@ def read_done(
     done.errors_cost_usd = errors_spent.usd
     done.cut_bytes[ERRORS] = errors.cut_bytes
     done.bad_rows += errors.bad_rows
+    # rows `run --redo` replaced were paid for too: they stay on the books (pipeline.ledger.redo)
+    spent += rows_spent(read_table(out_dir / CAPTIONS_REPLACED).rows)
     done.cost_usd, done.cost_unknown = spent.usd, spent.unknown
     return done
 

@@ -10,6 +10,12 @@ part, no read. Any difference (a part deleted, appended, edited; captions_all.cs
 was killed, rebuilt, edited; another batch size; another index) and the start takes the full recovery,
 exactly as before. A missing or unreadable record is the same as a difference. The record is a cache:
 deleting it costs one slow start, never a row.
+
+A run killed before its end leaves the record of its start (or of the run before) behind: stale, but
+still a description of the parts as they were in step then, and of captions_all.csv's bytes then (its
+size, and hashes of its first and last 64 KiB). The start's recovery uses it to read only what the
+killed run added (`pipeline.ledger.recover`): the rows appended to captions_all.csv after the recorded
+size, and the parts whose size or time changed.
 """
 
 from __future__ import annotations
@@ -18,12 +24,13 @@ import json
 import os
 from pathlib import Path
 
+from pipeline.ledger.donesnap import edge_hashes
 from pipeline.ledger.outputs import CAPTIONS_ALL, PART_GLOB
 
 _PREFIX = PART_GLOB.split("*")[0]  # captions_part_
 
 STATE_FILE = ".parts_state.json"
-VERSION = 1
+VERSION = 2  # 2: captions_all.csv's edges (hashes of its first and last 64 KiB, inode) recorded
 
 
 def _stat(path: Path) -> list[int] | None:
@@ -38,6 +45,10 @@ def _snapshot(out_dir: Path, batch_size: int, digits: int, index_key: str) -> di
     main = _stat(out_dir / CAPTIONS_ALL)
     if main is None:
         return None
+    try:
+        edges = [*edge_hashes(out_dir / CAPTIONS_ALL, main[0]), (out_dir / CAPTIONS_ALL).stat().st_ino]
+    except OSError:
+        return None
     parts: dict[str, list[int]] = {}
     with os.scandir(out_dir) as it:
         for entry in it:
@@ -45,7 +56,7 @@ def _snapshot(out_dir: Path, batch_size: int, digits: int, index_key: str) -> di
                 st = entry.stat()
                 parts[entry.name] = [st.st_size, st.st_mtime_ns]
     return {"version": VERSION, "batch_size": batch_size, "digits": digits, "index": index_key,
-            CAPTIONS_ALL: main, "parts": parts}
+            CAPTIONS_ALL: main, "edges": edges, "parts": parts}
 
 
 def record(out_dir: Path, *, batch_size: int, digits: int, index_key: str | None) -> None:
@@ -69,6 +80,15 @@ def forget(out_dir: Path) -> None:
         (Path(out_dir) / STATE_FILE).unlink(missing_ok=True)
     except OSError:
         pass
+
+
+def saved(out_dir: Path) -> dict | None:
+    """The record as `record` left it (None: none, unreadable, another version). Never raises."""
+    try:
+        found = json.loads((Path(out_dir) / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) and found.get("version") == VERSION else None
 
 
 def in_step(out_dir: Path, *, batch_size: int, digits: int, index_key: str | None) -> bool:

@@ -26,8 +26,18 @@ rewrite keeps the file's own BOM-or-not (quarantine copies its bytes, a migratio
 The fast path: when no pending file waits, the parts are as the last run's end recorded them in step
 (`pipeline.ledger.partstate`: one `stat` per part) and captions_all.csv reads clean with the current header
 in one streaming pass, steps 1-5 have nothing to do for the captions; that pass is also the done set
-(`Recovery.captions`), so a resume reads captions_all.csv once and no part at all. Anything else (a run
-killed, a part deleted or edited, a torn tail, another --batch-size or index) takes the steps above.
+(`Recovery.captions`), so a resume reads captions_all.csv once and no part at all; when the done-keys
+snapshot (`pipeline.ledger.donesnap`) still describes captions_all.csv, not even that file is read.
+
+The streamed path (`_stream_captions`), for a folder whose parts are not recorded in step (a run killed,
+a part deleted or edited): steps 1-5 without holding the rows. A killed run leaves the record of an
+earlier moment behind; with it and the snapshot, only what the run added is read (the rows appended to
+captions_all.csv since, the parts that changed: `_since_record`). Without them, one pass over
+captions_all.csv sums what each part must hold (rows, digest sum) and every part is read and compared.
+Only parts that differ are held and rebuilt, with the same notes and the same bytes as the full path.
+
+Anything else (a pending file, a torn tail or damage in captions_all.csv, older columns, another
+--batch-size or part number width) takes the steps above, holding the rows as dicts: the full path.
 
 errors.csv is append-only across runs: it is repaired, never reset. The decisions are pure functions
 (`missing_from`, `plan_parts`, `header_change`); `recover_folder` does the I/O around them.
@@ -35,13 +45,18 @@ errors.csv is append-only across runs: it is repaired, never reset. The decision
 
 from __future__ import annotations
 
+import csv
+import io
+import os
+from array import array
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Union
 
 from pipeline.errors import OutputError
-from pipeline.ledger import appendfile, partstate
+from pipeline.ledger import appendfile, csvscan, donesnap, partstate
+from pipeline.ledger.donekeys import key_digest
 from pipeline.ledger.encoding import bom_for
 from pipeline.ledger.pending import find_pending, merge_pending
 from pipeline.ledger.outputs import (
@@ -52,6 +67,7 @@ from pipeline.ledger.outputs import (
     ERROR_COLUMNS,
     ERRORS,
     PART_GLOB,
+    ENCODING_READ,
     CaptionTally,
     Table,
     attribute_columns_for,
@@ -184,6 +200,9 @@ def recover_folder(
     fields = list(attribute_fields or [])
     notes: list[str] = []
     fast = _fast_captions(out_dir, batch_size, positions, index_key, last_position)
+    if fast is None:  # the parts are not known in step: check them against one pass (the common case)
+        fast = _stream_captions(out_dir, batch_size, positions, index_key, last_position,
+                                previous_batch_size, bom, notes)
     if fast is not None:
         all_rows, parts = [], {}
     else:
@@ -235,7 +254,328 @@ def _fast_captions(
     digits = part_digits(last_position, batch_size)
     if not partstate.in_step(out_dir, batch_size=batch_size, digits=digits, index_key=index_key):
         return None
-    return tally_clean_captions(out_dir / CAPTIONS_ALL)
+    return donesnap.load(out_dir) or tally_clean_captions(out_dir / CAPTIONS_ALL)
+
+
+_MASK = (1 << 64) - 1
+
+
+def _stream_captions(
+    out_dir: Path, batch_size: int, positions: Positions, index_key: str | None, last_position: int | None,
+    previous_batch_size: int | None, bom: bool, notes: list[str],
+) -> CaptionTally | None:
+    """Steps 1-5 for the captions without holding a row of captions_all.csv (a killed run's folder).
+
+    One clean pass over captions_all.csv gives the done set and, per part number, how many rows the part
+    must hold and the sum of their key digests (mod 2**64). Each part file is then read (a small file)
+    and compared on those two numbers; only a part that differs is held: its rows that captions_all.csv
+    lacks are appended to it (step 4), and it is rebuilt from a second pass that collects the rows of
+    the parts to rebuild only (step 5). A damaged part goes through the same repair as in the full path.
+    Returns None, having changed nothing, when this does not apply: a pending file, captions_all.csv
+    not clean with the current header (missing, torn, damaged, older columns), another --batch-size, or
+    parts named with another number width; the full path then does everything as before.
+    """
+    if previous_batch_size not in (None, batch_size) or find_pending(out_dir):
+        return None
+    mapping = _positions(positions)
+    last = last_position if last_position is not None else last_position_of(mapping)
+    digits = part_digits(last, batch_size)
+    names = sorted(p.name for p in out_dir.glob(PART_GLOB))
+    if part_number_widths(names) - {digits} or not all(
+            n.removeprefix(PART_PREFIX).removesuffix(".csv").isdigit() for n in names):
+        return None  # renamed to another width, or a file that only matches the pattern: the full path
+    nparts = last // batch_size + 1
+    killed = _since_record(out_dir, batch_size, mapping, digits, nparts, index_key, notes, bom)
+    if killed is not None:
+        return killed
+    counts = array("q", bytes(8 * nparts))
+    sums = array("Q", bytes(8 * nparts))
+    get = mapping.get
+    ids = getattr(mapping, "ids", None)  # the compact index's ids in order: rows mostly follow them
+    hint = [-1]
+
+    def each(image_id: str, digest: int) -> None:
+        guess = hint[0] + 1
+        if ids is not None and guess < len(ids) and ids[guess] == image_id:
+            pos = guess
+        else:
+            pos = get(image_id)
+        if pos is not None:
+            hint[0] = pos
+            k = pos // batch_size
+            counts[k] += 1
+            sums[k] = (sums[k] + digest) & _MASK
+
+    tally = tally_clean_captions(out_dir / CAPTIONS_ALL, each=each)
+    if tally is None:
+        return None
+    differ: dict[str, list[list[str]]] = {}  # parts not as captions_all.csv says: their rows
+    held: dict[str, int] = {}  # and the sum of their key digests
+    present: set[int] = set()
+    valid = csvscan.Validator(CAPTION_COLUMNS, csvscan.COLUMN_PATTERNS)
+    for name in names:
+        k = int(name.removeprefix(PART_PREFIX).removesuffix(".csv"))
+        recs = _part_records(out_dir / name, valid, notes)
+        total = 0
+        for rec in recs:
+            total = (total + _record_digest(rec)) & _MASK
+        if k < nparts:
+            present.add(k)
+        if k >= nparts or not counts[k] or len(recs) != counts[k] or total != sums[k]:
+            differ[name], held[name] = recs, total
+    extra = _restore_records(out_dir, tally, differ, notes, bom)
+    for rec in extra:
+        each(rec[_I_ID], _record_digest(rec))
+    rebuild = {k for k in range(nparts) if counts[k] and k not in present}  # missing parts
+    for name, recs in differ.items():  # parts that differ still, now that their rows are all restored
+        k = int(name.removeprefix(PART_PREFIX).removesuffix(".csv"))
+        if k < nparts and counts[k] and (len(recs) != counts[k] or held[name] != sums[k]):
+            rebuild.add(k)
+    plan = _collect_parts(out_dir / CAPTIONS_ALL, mapping, batch_size, rebuild) if rebuild else {}
+    changes: list[str] = []
+    for k in sorted(rebuild):
+        name = part_name(k * batch_size, batch_size, digits)
+        path = out_dir / name
+        try:
+            write_csv_atomic(path, CAPTION_COLUMNS, plan.get(k, []), bom=bom_for(path, bom))
+        except OSError as exc:
+            raise OutputError(f"cannot rewrite {path}: {exc.strerror or exc}") from None
+        changes.append(f"{name}: rebuilt from {CAPTIONS_ALL} ({len(differ.get(name, [])):,} -> {len(plan.get(k, [])):,} rows)")
+    for name in sorted(differ):
+        k = int(name.removeprefix(PART_PREFIX).removesuffix(".csv"))
+        if k < nparts and counts[k]:
+            continue
+        try:
+            (out_dir / name).unlink(missing_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot remove {out_dir / name}: {exc.strerror or exc}") from None
+        changes.append(f"{name}: removed (no row of {CAPTIONS_ALL} belongs to it now)")
+    if len(changes) > MAX_PART_NOTES:
+        changes = [f"part files: {len(changes)} rebuilt or removed to match {CAPTIONS_ALL}"]
+    notes += changes
+    partstate.record(out_dir, batch_size=batch_size, digits=digits, index_key=index_key)
+    return tally
+
+
+def _since_record(
+    out_dir: Path, batch_size: int, mapping: Mapping[str, int], digits: int, nparts: int,
+    index_key: str | None, notes: list[str], bom: bool,
+) -> CaptionTally | None:
+    """The folder a killed run leaves, read from what it added only: the parts' record of an earlier
+    moment when they were in step (`pipeline.ledger.partstate`) still describes captions_all.csv's first
+    bytes (same size there, same hashes of its first and last 64 KiB, same file), the done-keys snapshot
+    gives the done set (`pipeline.ledger.donesnap`), and the writer only appends. So a part whose size
+    and time are as recorded holds what it held then, and must hold in addition exactly the rows appended
+    to captions_all.csv since that belong to it; a part that grew must have grown by exactly those rows
+    (compared by count and digest sum, its appended bytes read clean); a part made since must hold them
+    alone. A part short of its rows (a kill between the two writes) is rebuilt: its old rows, then the
+    new ones. Anything else (no usable record or snapshot, a part shrunk, deleted, damaged, or holding a
+    row captions_all.csv lacks, appended bytes not clean): None, changing nothing, and the whole
+    folder is checked instead.
+    """
+    rec = partstate.saved(out_dir)
+    if not rec or rec.get("batch_size") != batch_size or rec.get("digits") != digits or rec.get("index") != index_key:
+        return None
+    path = out_dir / CAPTIONS_ALL
+    try:
+        size = int(rec[CAPTIONS_ALL][0])
+        st = path.stat()
+        if st.st_size < size or [*donesnap.edge_hashes(path, size), st.st_ino] != rec.get("edges"):
+            return None
+        old_parts: dict[str, list[int]] = rec["parts"]  # name -> [size, mtime_ns], as recorded
+        if not isinstance(old_parts, dict):
+            return None
+    except (OSError, KeyError, TypeError, ValueError, IndexError):
+        return None
+    tally = donesnap.load(out_dir)
+    if tally is None:
+        return None
+    counts: dict[int, int] = defaultdict(int)  # per part: rows appended to captions_all.csv since
+    sums: dict[int, int] = defaultdict(int)
+    get = mapping.get
+
+    def each(image_id: str, digest: int) -> None:
+        pos = get(image_id)
+        if pos is not None:
+            k = pos // batch_size
+            counts[k] += 1
+            sums[k] = (sums[k] + digest) & _MASK
+
+    if st.st_size > size and tally_clean_captions(path, start=size, into=CaptionTally(), each=each) is None:
+        return None
+    valid = csvscan.Validator(CAPTION_COLUMNS, csvscan.COLUMN_PATTERNS)
+    now: dict[str, list[int]] = {}
+    with os.scandir(out_dir) as it:
+        for entry in it:
+            if entry.name.startswith(PART_PREFIX) and entry.name.endswith(".csv") and entry.is_file():
+                est = entry.stat()
+                now[entry.name] = [est.st_size, est.st_mtime_ns]
+    if set(old_parts) - set(now):
+        return None  # a part deleted: the whole check
+    rebuild: dict[int, list[list[str]]] = {}  # part number -> its rows as they are (the new ones follow)
+    held: dict[int, int] = {}  # part number -> rows its file holds now
+    for name, stat_now in now.items():
+        number = name.removeprefix(PART_PREFIX).removesuffix(".csv")
+        if not number.isdigit() or len(number) != digits or int(number) >= nparts:
+            return None
+        k = int(number)
+        old = old_parts.get(name)
+        if old is not None and not (isinstance(old, list) and len(old) == 2 and all(type(v) is int for v in old)):
+            return None  # a record edited by hand: not trusted
+        if old == stat_now:
+            if counts.get(k):
+                rows = _clean_part(out_dir / name, 0, valid)
+                if rows is None:
+                    return None
+                rebuild[k], held[k] = rows, len(rows)
+            continue
+        if old is None and not counts.get(k):
+            return None  # a part made since that no new row belongs to: the whole check removes it
+        start = int(old[0]) if old is not None else 0
+        if stat_now[0] <= start and old is not None:
+            return None  # rewritten or cut, not appended to
+        grown = _clean_part(out_dir / name, start, valid)
+        if grown is None or any(not tally.keys.has_digest(_record_digest(r)) for r in grown):
+            return None
+        total = 0
+        for r in grown:
+            total = (total + _record_digest(r)) & _MASK
+        if len(grown) == counts.get(k, 0) and total == sums.get(k, 0):
+            continue
+        # short of rows (or holding others captions_all.csv also has): its old rows, then the new ones
+        whole = _clean_part(out_dir / name, 0, valid)
+        if whole is None or len(whole) < len(grown):
+            return None
+        rebuild[k], held[k] = whole[: len(whole) - len(grown)], len(whole)
+    for k in counts:  # parts with new rows that have no file yet (the kill came before its first write)
+        if part_name(k * batch_size, batch_size, digits) not in now:
+            rebuild[k], held[k] = [], 0
+    if any(not rows and not counts.get(k) for k, rows in rebuild.items()):
+        return None  # a part left with no row at all: the whole check removes it
+    if rebuild:
+        new_rows = _collect_parts(path, mapping, batch_size, set(rebuild), start=size)
+        changes = []
+        for k in sorted(rebuild):
+            name = part_name(k * batch_size, batch_size, digits)
+            want = rebuild[k] + new_rows.get(k, [])
+            target = out_dir / name
+            try:
+                write_csv_atomic(target, CAPTION_COLUMNS, want, bom=bom_for(target, bom))
+            except OSError as exc:
+                raise OutputError(f"cannot rewrite {target}: {exc.strerror or exc}") from None
+            changes.append(f"{name}: rebuilt from {CAPTIONS_ALL} ({held[k]:,} -> {len(want):,} rows)")
+        if len(changes) > MAX_PART_NOTES:
+            changes = [f"part files: {len(changes)} rebuilt or removed to match {CAPTIONS_ALL}"]
+        notes += changes
+    partstate.record(out_dir, batch_size=batch_size, digits=digits, index_key=index_key)
+    return tally
+
+
+def _clean_part(path: Path, start: int, valid: csvscan.Validator) -> list[list[str]] | None:
+    """The records of a part from byte `start` on (0: after its header, which must be ours), if they
+    read clean and whole; None for anything else."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(start)
+            data = fh.read()
+        if start == 0 and not data:
+            return []
+        if data and not data.endswith(b"\n"):
+            return None
+        reader = csv.reader(io.StringIO(data.decode(ENCODING_READ if start == 0 else "utf-8"), newline=""),
+                            strict=True)
+        if start == 0 and next(reader, None) != CAPTION_COLUMNS:
+            return None
+        recs = [r for r in reader if r]
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return None
+    return recs if all(valid(r) for r in recs) else None
+
+
+_I_ID, _I_PNAME, _I_INDEX = (CAPTION_COLUMNS.index(c) for c in ("image_id", "prompt_name", "caption_index"))
+
+
+def _record_digest(rec: list[str]) -> int:
+    """The key digest of a record in CAPTION_COLUMNS order, with `row_key`'s defaults."""
+    try:
+        index = int(rec[_I_INDEX] or 0)
+    except ValueError:
+        index = 0
+    return key_digest(rec[_I_ID], rec[_I_PNAME] or "base", index)
+
+
+def _part_records(path: Path, valid: csvscan.Validator, notes: list[str]) -> list[list[str]]:
+    """A part's records in CAPTION_COLUMNS order: a clean file read as it is, anything else repaired
+    and migrated first (step 1 and 2 for one part, as in the full path)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise OutputError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if data.endswith(b"\n"):
+        try:
+            reader = csv.reader(io.StringIO(data.decode(ENCODING_READ), newline=""), strict=True)
+            if next(reader, None) == CAPTION_COLUMNS:
+                recs = [rec for rec in reader if rec]
+                if all(valid(rec) for rec in recs):
+                    return recs
+        except (csv.Error, UnicodeDecodeError):
+            pass
+    part = _repair(path, notes, "the part is rebuilt from captions_all.csv")
+    if part is None:
+        return []
+    rows = _migrate(path, part, CAPTION_COLUMNS, notes).rows
+    return [[d.get(c, "") for c in CAPTION_COLUMNS] for d in rows]
+
+
+def _restore_records(
+    out_dir: Path, tally: CaptionTally, parts: Mapping[str, list[list[str]]], notes: list[str], bom: bool
+) -> list[list[str]]:
+    """Step 4 with the done set as digests: the parts' records whose key captions_all.csv lacks, each key
+    once in part order, appended to it and counted in `tally`; returns them."""
+    extra: list[list[str]] = []
+    seen: set[int] = set()
+    for name in sorted(parts):
+        for rec in parts[name]:
+            digest = _record_digest(rec)
+            if not tally.keys.has_digest(digest) and digest not in seen:
+                seen.add(digest)
+                extra.append(rec)
+    if not extra:
+        return []
+    path = out_dir / CAPTIONS_ALL
+    try:
+        appendfile.append_bytes(path, appendfile.records_bytes(extra), appendfile.header_bytes(CAPTION_COLUMNS, bom))
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    for rec in extra:
+        tally.add(rec)
+    notes.append(f"{CAPTIONS_ALL}: restored {len(extra):,} row{'s' if len(extra) != 1 else ''} that only the part files held")
+    return extra
+
+
+def _collect_parts(path: Path, positions: Mapping[str, int], batch_size: int, wanted: set[int],
+                   start: int = 0) -> dict[int, list[list[str]]]:
+    """captions_all.csv's records of the parts in `wanted` (by part number), in file order: one streaming
+    pass that keeps only those rows (the file was read clean just before); from byte `start` on if given
+    (a record boundary after the header)."""
+    plan: dict[int, list[list[str]]] = defaultdict(list)
+    get = positions.get
+    try:
+        with open(path, "rb") as fb:
+            fb.seek(start)
+            fh = io.TextIOWrapper(fb, encoding=ENCODING_READ if start == 0 else "utf-8", newline="")
+            reader = csv.reader(fh, strict=True)
+            if start == 0:
+                next(reader, None)
+            for rec in reader:
+                if not rec:
+                    continue
+                pos = get(rec[_I_ID])
+                if pos is not None and pos // batch_size in wanted:
+                    plan[pos // batch_size].append(rec)
+    except (OSError, csv.Error, UnicodeDecodeError) as exc:
+        raise OutputError(f"cannot read {path}: {exc}") from None
+    return plan
 
 
 def _captions(out_dir: Path, notes: list[str]) -> tuple[list[Row], dict[str, list[Row]]]:

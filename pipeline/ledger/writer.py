@@ -3,7 +3,9 @@
 Start (`OutputWriter.open`, before any request): check the folder is writable, recover it
 (`pipeline.ledger.recover`: held answers merged, damage quarantined, captions_all.csv rebuilt from the parts,
 parts re-split), read what is done (one pass over captions_all.csv when the parts are recorded in step,
-`pipeline.ledger.partstate`, which the writer records as a run ends with every answer written).
+`pipeline.ledger.partstate`, which the writer records as a run ends with every answer written; no pass at
+all while the done-keys snapshot, `pipeline.ledger.donesnap`, still describes the file). The snapshot is
+saved at the start and again as the run ends, with the keys of every row this run appended.
 errors.csv is append-only across runs, never reset.
 During the run (`writer_task`): take results from the one receive stream, queue them per target file
 (captions_all.csv and the image's part file, errors.csv, attributes.csv) and write every queue after each
@@ -38,7 +40,7 @@ from pipeline.ledger import appendfile
 from pipeline.ledger.appendfile import describe_write_error
 from pipeline.ledger.encoding import FolderEncoding, decide, folder_bom
 from pipeline.ledger.pending import HeldFile, save_pending
-from pipeline.ledger import partstate
+from pipeline.ledger import donesnap, partstate
 from pipeline.ledger.recover import Positions, last_position_of, recover_folder
 from pipeline.ledger.outputs import (
     ATTRIBUTES,
@@ -55,6 +57,7 @@ from pipeline.ledger.outputs import (
     part_digits,
     part_name,
     read_done,
+    tally_clean_captions,
 )
 from pipeline.records import AttributeRow, CaptionRow, ErrorRow
 
@@ -142,6 +145,11 @@ class OutputWriter:
         self.pending_path: Path | None = None  # where held answers went when the run ended holding them
         self.lost_answers = 0  # held answers that could be saved nowhere (should stay 0)
         self.pending_answers = 0  # answers saved to the pending file instead of the CSV files
+        # the done-keys snapshot (`pipeline.ledger.donesnap`): captions_all.csv's tally at the start, the
+        # rows this run appended to it and the size they make, saved again as the run ends
+        self._captions_tally: CaptionTally | None = None
+        self._appended = CaptionTally()
+        self._captions_size: int | None = None
 
     # --- start ------------------------------------------------------------------------------------
     def read_done(self) -> ResumeState:
@@ -161,7 +169,10 @@ class OutputWriter:
 
     def _read(self, captions: CaptionTally | None = None) -> ResumeState:
         """What the folder holds, read without changing it (`open` has repaired it first, if a run).
-        `captions`: recovery's pass over captions_all.csv, if it made one (not read twice)."""
+        `captions`: recovery's pass over captions_all.csv, if it made one (not read twice); else the
+        done-keys snapshot when it still describes the file (`pipeline.ledger.donesnap`)."""
+        if captions is None:
+            captions = donesnap.load(self.out_dir)
         done = read_done(self.out_dir, attributes=bool(self.attribute_fields), captions=captions,
                          count_images=False)
         return ResumeState(done=done.keys, captions_rows=done.caption_count, cost_usd=done.cost_usd, read=done)
@@ -187,9 +198,47 @@ class OutputWriter:
             last_position=self.last_position,
         )
         self.attribute_fields = recovery.attribute_fields
-        state = self._read(recovery.captions)
+        captions = recovery.captions or donesnap.load(self.out_dir) or tally_clean_captions(self.out_dir / CAPTIONS_ALL)
+        state = self._read(captions)
         state.repaired[:0] = recovery.notes
+        self._keep_snapshot(captions)
         return state
+
+    def _keep_snapshot(self, captions: CaptionTally | None) -> None:
+        """At the start: save the done-keys snapshot of captions_all.csv as recovery left it (so even a
+        run killed later starts fast next time) and count from its size what this run appends."""
+        try:
+            size = (self.out_dir / CAPTIONS_ALL).stat().st_size
+        except FileNotFoundError:
+            size = 0
+        except OSError:
+            captions, size = None, -1
+        if captions is None and size == 0:
+            captions = CaptionTally()  # no file yet (or an empty one): nothing is done, exactly
+        self._captions_tally = captions
+        if captions is None:  # not read clean (cannot happen after recovery): no snapshot
+            donesnap.forget(self.out_dir)
+            return
+        if size and not captions.saved:
+            saved = donesnap.save(self.out_dir, captions, expect_size=size)
+            if saved is None:
+                self._captions_tally = None
+                return
+        self._captions_size = size
+
+    def save_snapshot(self) -> None:
+        """As the run ends: the start's tally plus every row this run appended, if the file's size is
+        exactly what those appends make (anything else: the snapshot is dropped, the next start reads)."""
+        base, expect = self._captions_tally, self._captions_size
+        if base is None or expect is None:
+            return
+        if self._appended.rows:
+            base.merge(self._appended)
+            self._appended = CaptionTally()
+        elif base.saved:
+            return
+        if donesnap.save(self.out_dir, base, expect_size=expect) is None:
+            self._captions_tally = None
 
     def check_appendable(self) -> None:
         """Pre-flight: every answer file this run may append to can be opened for append (ConfigError).
@@ -241,10 +290,16 @@ class OutputWriter:
                 continue
             n = len(q.records)
             try:
-                appendfile.append_bytes(self.out_dir / q.name, appendfile.records_bytes(q.records[:n]), q.header)
+                data = appendfile.records_bytes(q.records[:n])
+                appendfile.append_bytes(self.out_dir / q.name, data, q.header)
                 outcome[q.name] = n
             except OSError as exc:
                 outcome[q.name] = exc
+                continue
+            if q.name == CAPTIONS_ALL and self._captions_size is not None:
+                self._captions_size += len(data) + (len(q.header) if self._captions_size == 0 else 0)
+                for rec in q.records[:n]:
+                    self._appended.add(rec)
         return outcome
 
     async def flush(self, exclude: frozenset[str] = frozenset()) -> dict[str, OSError]:
@@ -273,6 +328,7 @@ class OutputWriter:
     def record_parts(self) -> None:
         """As the run ends: if every answer reached captions_all.csv and its part, say the parts are in
         step, so the next start reads no part (`pipeline.ledger.partstate`); else drop that record."""
+        self.save_snapshot()
         clean = not self.given_up_parts and not self.pending_answers and not self.lost_answers and not any(
             q.records for q in self._queues.values())
         if clean:

@@ -64,6 +64,35 @@ class SubsetConfig:
     seed: int = 0
 
 
+BATCH_MAX_REQUESTS = 50_000  # OpenAI's limit of lines per batch input file
+BATCH_MAX_BYTES = 199_000_000  # just under OpenAI's 200 MB per input file (base64 images counted)
+
+
+@dataclass
+class BatchConfig:
+    """`run --mode batch`: the work goes through the Batch API (`pipeline.batch`) instead of one request
+    per call. The default is online mode, so a run that says nothing of batches is unchanged.
+
+    Shards (one input file, one batch each) hold at most `max_requests` lines, `max_bytes` bytes of JSONL
+    and, when set, `max_tokens` estimated input tokens (the enqueued-token limit of an account's tier).
+    `files_only`: write the JSONL shards to this folder for another server (`vllm run-batch`) and send
+    nothing. `no_wait`: submit and exit; `keep_files`: leave the provider's input/output files in place;
+    `poll_max_s`: the longest pause between two looks at a batch in flight."""
+
+    mode: str = "online"  # "online" | "batch"
+    max_requests: int = BATCH_MAX_REQUESTS
+    max_bytes: int = BATCH_MAX_BYTES
+    max_tokens: int | None = None
+    files_only: Path | None = None
+    no_wait: bool = False
+    keep_files: bool = False
+    poll_max_s: float = 60.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode == "batch"
+
+
 @dataclass
 class RunConfig:
     index: Path
@@ -79,9 +108,11 @@ class RunConfig:
     dry_run: bool = False
     follow_symlinks: bool = False  # images that are symlinks out of the root are refused unless set
     allow_changes: bool = False  # rerun with other inputs: keep the old rows as done, record the change
+    redo: Path | None = None  # --redo review.csv: its rejected captions are asked again (pipeline.ledger.redo)
     excel: bool = False  # new output folders' CSV files start with a BOM (Excel); a folder keeps its own
     progress_every: float = 5.0  # seconds between plain progress lines
     subset: SubsetConfig = field(default_factory=SubsetConfig)  # --limit / --sample
+    batch: BatchConfig = field(default_factory=BatchConfig)  # --mode batch and its options
     api_key: str | None = field(default=None, repr=False)  # never printed, never written
 
     def __repr__(self) -> str:  # belt and braces: the key never reaches a log through repr()

@@ -129,7 +129,8 @@ def manifest(out: Path) -> dict:
     return json.loads((out / "manifest.json").read_text(encoding="utf-8"))
 
 
-@pytest.mark.parametrize("typo", [["--mod", "gpt-4o"], ["--mode", "x"], ["--prompt", "p.txt"], ["--conc", "4"]])
+# (`--mode` is a flag of its own since the Batch API: online | batch)
+@pytest.mark.parametrize("typo", [["--mod", "gpt-4o"], ["--mo", "x"], ["--prompt", "p.txt"], ["--conc", "4"]])
 def test_abbreviations_are_errors(cli, api_env, tmp_path, typo) -> None:
     res = cli("run", "--index", tmp_path / "i.json", "--out", tmp_path / "o", *typo)
     assert res.code == 2
@@ -278,7 +279,7 @@ limit = 4
 
 
 @pytest.mark.parametrize("text, words", [
-    ('modle = "gpt-4o"\n', ["unknown option 'modle'", "did you mean 'model'"]),
+    ('moddel = "gpt-4o"\n', ["unknown option 'moddel'", "did you mean 'model'"]),  # (`modle` is nearer `mode`)
     ('concurrency = "eight"\n', ["concurrency", "expected a whole number"]),
     ("concurrency = 0\n", ["concurrency", "at least 1"]),
     ('detail = "mid"\n', ["detail", "not one of low, high, auto"]),

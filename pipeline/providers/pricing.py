@@ -6,6 +6,11 @@ an installed wheel finds it from any folder); a user's own file overrides it as 
 FILE`, else `$REID_PROMPT_PRICING`, else `config/pricing.toml` in the current folder
 (`choose_pricing_file`). The CLI's --price-in/--price-out/--price-cached-in override single prices (0 for a
 local server).
+
+Batch API prices (`run --mode batch`): a model may list `batch_input`, `batch_output` and
+`batch_cached_input`; else its `batch_discount` (the fraction taken off every online price, 0.5 = half),
+else the file's `[meta] batch_discount`; else none is known and a batch is priced as online (never a
+guessed saving). `ModelPrice.batch()` gives the batch-priced `ModelPrice` rows and budgets use.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -71,6 +76,51 @@ class ModelPrice:
     known: bool = True
     source: str = ""  # where the pricing file says this model's figures came from
     taken_on: str = ""  # ... and when (the file's [meta] taken_on when the model gives none)
+    # Batch API: explicit prices per 1M tokens, else the fraction taken off the online ones; None = not known
+    batch_input: float | None = None
+    batch_cached_input: float | None = None
+    batch_output: float | None = None
+    batch_discount: float | None = None
+    tier: str = "online"  # "online" | "batch": which prices input/cached_input/output are
+
+    @property
+    def batch_known(self) -> bool:
+        """Does the pricing say what a batch costs (explicit prices or a discount)?"""
+        return self.tier == "batch" or self.batch_discount is not None or any(
+            v is not None for v in (self.batch_input, self.batch_output, self.batch_cached_input))
+
+    def batch(self) -> "ModelPrice":
+        """This model at Batch API prices: each explicit batch price, else the online price less the
+        discount, else the online price itself (no saving is assumed that the pricing does not state).
+        `known` as before. A batch price's `batch()` is itself."""
+        if self.tier == "batch":
+            return self
+        keep = 1.0 - (self.batch_discount or 0.0)
+
+        def pick(explicit: float | None, online: float) -> float:
+            return float(explicit) if explicit is not None else online * keep
+
+        batch_in = pick(self.batch_input, self.input)
+        # cached input: its own batch price, else the online one less the discount, never above batch input
+        cached = (float(self.batch_cached_input) if self.batch_cached_input is not None
+                  else min(batch_in, self.cached_input * keep))
+        if any(v is not None for v in (self.batch_input, self.batch_output, self.batch_cached_input)):
+            note = "batch prices from the pricing file"
+        elif self.batch_discount:
+            note = f"batch: {self.batch_discount:.0%} off online prices"
+        elif self.batch_discount is not None:
+            note = "batch: priced as online (no batch discount for this model)"
+        else:
+            note = "batch: no batch price in the pricing file, priced as online"
+        return replace(
+            self,
+            input=batch_in,
+            cached_input=cached,
+            output=pick(self.batch_output, self.output),
+            batch_input=None, batch_cached_input=None, batch_output=None, batch_discount=None,
+            tier="batch",
+            source=f"{self.source}; {note}" if self.source else note,
+        )
 
 
 @dataclass
@@ -92,7 +142,15 @@ def _positive_int(path: Path, where: str, value: Any) -> int:
     return value
 
 
-def _parse_model(path: Path, name: str, spec: Any) -> ModelPrice:
+def _discount(path: Path, where: str, value: Any) -> float:
+    number = _number(path, where, value)
+    if number > 1:
+        raise ConfigError(f"{path}: {where} is the fraction taken off online prices (0.5 = half), "
+                          f"from 0 to 1, got {value!r}")
+    return number
+
+
+def _parse_model(path: Path, name: str, spec: Any, default_discount: float | None = None) -> ModelPrice:
     where = f'models."{name}"'
     if not isinstance(spec, dict):
         raise ConfigError(f"{path}: {where} must be a table")
@@ -145,8 +203,16 @@ def _parse_model(path: Path, name: str, spec: Any) -> ModelPrice:
     taken_on = spec.get("taken_on", "")
     if not isinstance(source, str) or not isinstance(taken_on, str):
         raise ConfigError(f"{path}: {where}.source and .taken_on must be strings")
+    batch = {key: _number(path, f"{where}.{key}", spec[key]) if key in spec else None
+             for key in ("batch_input", "batch_cached_input", "batch_output")}
+    if "batch_discount" in spec:
+        discount: float | None = _discount(path, f"{where}.batch_discount", spec["batch_discount"])
+    elif batch["batch_input"] is not None and batch["batch_output"] is not None:
+        discount = None  # the model's own batch prices; the file's default discount is not for it
+    else:
+        discount = default_discount
     return ModelPrice(name, input_price, cached, output_price, rule, source=source.strip(),
-                      taken_on=taken_on.strip())
+                      taken_on=taken_on.strip(), batch_discount=discount, **batch)
 
 
 @dataclass(frozen=True)
@@ -227,7 +293,9 @@ def load_pricing(path: Path | None = None) -> PricingTable:
     models = data.get("models")
     if not isinstance(models, dict) or not models:
         raise ConfigError(f'{source}: needs at least one [models."<name>"] table')
-    parsed = {name: _parse_model(source, name, spec) for name, spec in models.items()}
+    default_discount = (_discount(source, "meta.batch_discount", meta["batch_discount"])
+                        if "batch_discount" in meta else None)
+    parsed = {name: _parse_model(source, name, spec, default_discount) for name, spec in models.items()}
     return PricingTable(taken_on=meta["taken_on"].strip(), models=parsed, source=source)
 
 
@@ -302,10 +370,10 @@ def resolve_price(
         base = ModelPrice(model, 0.0, 0.0, 0.0, guess_image_rule(model),
                           known=price_in is not None and price_out is not None)
     elif model.strip().lower().endswith(":free"):  # OpenRouter's free variant of a listed model
-        base = ModelPrice(model, 0.0, 0.0, 0.0, base.image_rule, known=True, source="OpenRouter :free variant")
+        base = ModelPrice(model, 0.0, 0.0, 0.0, base.image_rule, known=True, source="OpenRouter :free variant",
+                          batch_discount=0.0)
     else:
-        base = ModelPrice(model, base.input, base.cached_input, base.output, base.image_rule, known=True,
-                          source=base.source, taken_on=base.taken_on or table.taken_on)
+        base = replace(base, model=model, known=True, taken_on=base.taken_on or table.taken_on)
     input_price = base.input if price_in is None else float(price_in)
     if price_cached_in is not None:
         cached = float(price_cached_in)
@@ -315,9 +383,16 @@ def resolve_price(
         cached = base.cached_input
     output_price = base.output if price_out is None else float(price_out)
     overridden = any(v is not None for v in (price_in, price_out, price_cached_in))
+    # an override is an online price: the file's explicit batch prices belong to other figures and are
+    # dropped; the model's batch discount (the provider's rule) applies to the overridden prices
+    explicit = {} if overridden else {"batch_input": base.batch_input, "batch_output": base.batch_output,
+                                      "batch_cached_input": base.batch_cached_input}
+    discount = base.batch_discount
+    if overridden and discount is None and base.batch_input is not None and base.input > 0:
+        discount = max(0.0, min(1.0, 1.0 - base.batch_input / base.input))  # the saving the file implies
     return ModelPrice(model, input_price, cached, output_price, base.image_rule, known=base.known,
                       source="overridden (--price-* or a local provider)" if overridden else base.source,
-                      taken_on="" if overridden else base.taken_on)
+                      taken_on="" if overridden else base.taken_on, batch_discount=discount, **explicit)
 
 
 def cost_usd(price: ModelPrice, usage: Usage) -> float:

@@ -496,3 +496,88 @@ def render_estimate(est: CostEstimate, console: Console) -> None:
     for note in est.notes:
         t.add_row("assumption", Text(note))
     console.print(t)
+
+
+# --- --dry-run --mode batch ------------------------------------------------------------------------
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1_000_000:,.1f} MB" if n >= 100_000 else f"{n:,} bytes"
+
+
+@dataclass(frozen=True)
+class BatchCosts:
+    """The batch plan's money: at the batch price (expected answers and every answer at max_tokens), and
+    the same requests at the online price."""
+
+    batch: float
+    batch_max: float
+    online: float
+    expected_output_tokens: int  # per caption
+    output_source: str
+
+
+def batch_costs(input_tokens: int, captions: int, batch_max: float, online: ModelPrice, batch: ModelPrice,
+                expected_output_tokens: int, output_source: str = "") -> BatchCosts:
+    """Cost of `input_tokens` in and `captions` answers of `expected_output_tokens` each. Pure."""
+    usage = Usage(prompt_tokens=input_tokens, completion_tokens=captions * expected_output_tokens)
+    return BatchCosts(cost_usd(batch, usage), batch_max, cost_usd(online, usage), expected_output_tokens,
+                      output_source)
+
+
+def render_batch_preview(plan: Any, prep: Any, console: Console) -> None:
+    """Print `--dry-run --mode batch`: each shard a run would write now (lines, bytes, estimated queued
+    tokens) and the cost at the batch price beside the online price (`pipeline.batch.work.preview`)."""
+    online = prep.price
+    batch = online.batch()
+    expected, source = measured_output_tokens(Path(prep.cfg.out), prep.resume.read) \
+        if Path(prep.cfg.out).is_dir() and prep.resume.read is not None else (
+            DEFAULT_OUTPUT_TOKENS, f"default (no {CAPTIONS_ALL} yet)")
+    shards = plan.shards
+    input_tokens = sum(s.est_input_tokens for _, s in shards)
+    costs = batch_costs(input_tokens, plan.captions, sum(s.est_cost_usd for _, s in shards), online, batch,
+                        min(expected, prep.cfg.model.max_tokens or expected), source)
+
+    t = Table(title="reid-prompt batch plan (dry run: nothing sent, nothing written)", box=box.SIMPLE_HEAVY,
+              title_justify="left")
+    t.add_column("shard", no_wrap=True)
+    t.add_column("lines", justify="right")
+    t.add_column("bytes", justify="right")
+    t.add_column("est. queued tokens", justify="right")
+    for shard_id, s in shards:
+        t.add_row(shard_id, fmt_int(s.lines), _megabytes(s.bytes), fmt_int(s.est_input_tokens))
+    if len(shards) > 1:
+        t.add_row("total", fmt_int(plan.lines), _megabytes(sum(s.bytes for _, s in shards)), fmt_int(input_tokens),
+                  style="bold")
+    if shards:
+        console.print(t)
+    else:
+        console.print(Text("reid-prompt batch plan (dry run: nothing sent, nothing written)", style="italic"))
+    lim = plan.limits
+    cap = f", {fmt_int(lim.max_tokens)} estimated queued tokens" if lim.max_tokens else ""
+    lines = [f"limits per shard: {fmt_int(lim.max_requests)} lines, {_megabytes(lim.max_bytes)}{cap}"]
+    if not shards:
+        lines.append("nothing to send: every caption is done or already in a batch of this folder")
+    for reason, count in sorted(plan.errors.items()):
+        lines.append(f"{fmt_int(count)} caption(s) would get no line: {reason} (errors.csv when run)")
+    if plan.outstanding:
+        in_flight = sum(r.lines for r in plan.outstanding)
+        lines.append(f"{len(plan.outstanding)} earlier shard(s) not collected yet ({fmt_int(in_flight)} lines): "
+                     "their work is not planned again; the run collects them first")
+    if batch.known and online.known:
+        lines.append(f"cost at the batch price: {fmt_usd(costs.batch)} (at most {fmt_usd(costs.batch_max)} if every "
+                     f"answer ran to max_tokens); online: {fmt_usd(costs.online)}")
+        lines.append(f"batch price: {_per_million(batch.input)} in / {_per_million(batch.output)} out per 1M tokens "
+                     f"({batch.source or 'pricing file'}); online {_per_million(online.input)} in / "
+                     f"{_per_million(online.output)} out")
+    else:
+        lines.append(f"cost unknown: no price for {online.model} (give --price-in/--price-out)")
+    lines.append(f"output tokens: {costs.expected_output_tokens} per caption ({source})")
+    limit = prep.cfg.limits.max_cost
+    if limit is not None and batch.known:
+        spent = prep.resume.read.cost_usd if prep.resume.read is not None else 0.0
+        over = spent + costs.batch_max > limit
+        lines.append(f"budget {fmt_usd(limit)}: a submitted batch counts at its full estimate"
+                     + (" - the plan is over budget: the run submits only what fits" if over else ""))
+    lines.append("batches finish within 24 h (the completion window); nothing was sent")
+    for line in lines:
+        console.print(Text(line))

@@ -58,18 +58,21 @@ def parse_time(value: object) -> datetime | None:
     return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
 
 
-def ago(seconds: float | None) -> str:
-    """'42s ago', '5 min ago', '3.2 h ago', '2 days ago': how long since the run was last seen."""
-    if seconds is None:
-        return "unknown"
+def _age(seconds: float, units: tuple[str, str, str, str]) -> str:
+    """A duration in the largest unit that keeps it readable: seconds, minutes, hours (to 48), days."""
     s = max(0.0, seconds)
     if s < 90:
-        return f"{int(s)}s ago"
+        return f"{int(s)}{units[0]}"
     if s < 90 * 60:
-        return f"{int(round(s / 60))} min ago"
+        return f"{int(round(s / 60))}{units[1]}"
     if s < 48 * 3600:
-        return f"{s / 3600:.1f} h ago"
-    return f"{int(s // 86400)} days ago"
+        return f"{s / 3600:.1f}{units[2]}"
+    return f"{int(s // 86400)}{units[3]}"
+
+
+def ago(seconds: float | None) -> str:
+    """'42s ago', '5 min ago', '3.2 h ago', '2 days ago': how long since the run was last seen."""
+    return "unknown" if seconds is None else _age(seconds, ("s ago", " min ago", " h ago", " days ago"))
 
 
 def local_time(dt: datetime | None) -> str:
@@ -107,6 +110,7 @@ class StatusReport:
     warnings: list[str] = field(default_factory=list)
     cost_unknown: int = 0  # billed rows whose cost is unknown (written at an unknown price)
     cost_errors_usd: float = 0.0  # the part of cost_usd paid for answers that were no caption (errors.csv)
+    batches: list[dict[str, Any]] = field(default_factory=list)  # the folder's Batch API shards (`batch_rows`)
 
     @property
     def spent(self) -> Spent:
@@ -163,10 +167,40 @@ class StatusReport:
             "runs": self.runs,
             "torn_bytes": self.torn_bytes,
             "warnings": list(self.warnings),
+            "batches": [dict(b) for b in self.batches],
         }
 
 
 # --- collecting ----------------------------------------------------------------------------------------
+
+def batch_rows(out_dir: Path, now: datetime, warnings: list[str]) -> list[dict[str, Any]]:
+    """Each shard of the folder's batch ledger (`pipeline.batch.ledger`, read only): its batch id, the
+    ledger's state and the provider's, lines done/failed as the provider last counted them, and age."""
+    from pipeline.batch.ledger import BatchLedger
+
+    try:
+        ledger = BatchLedger.load(out_dir)
+    except ReidPromptError as exc:
+        warnings.append(_one_line(exc))
+        return []
+    found = []
+    for rec in ledger.shards:
+        counts = rec.request_counts or {}
+        created = parse_time(rec.created_at)
+        found.append({
+            "shard": rec.shard_id,
+            "batch_id": rec.batch_id,
+            "state": rec.state,
+            "batch_status": rec.batch_status,
+            "round": rec.round,
+            "lines": rec.lines,
+            "done": _int_or_none(counts.get("completed")),
+            "failed": _int_or_none(counts.get("failed")),
+            "age_s": None if created is None else round((now - created).total_seconds(), 1),
+            "est_cost_usd": rec.est_cost_usd,
+        })
+    return found
+
 
 def _int_or_none(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
@@ -315,6 +349,7 @@ def collect_status(
         runs=len(runs) if isinstance(runs, list) else 0,
         torn_bytes=torn,
         warnings=warnings,
+        batches=batch_rows(out_dir, now, warnings),
     )
 
 
@@ -369,7 +404,13 @@ def render_status(report: StatusReport, console: Console) -> None:
     t.add_row("cost so far", cost)
     if report.runs:
         t.add_row("runs", fmt_int(report.runs))
-    if report.state == "budget":
+    open_batches = [b for b in report.batches if b.get("state") in OPEN_BATCH_STATES]
+    if open_batches:
+        lines = sum(b.get("lines") or 0 for b in open_batches)
+        t.add_row("next", f"{len(open_batches)} batch shard(s) not collected yet ({fmt_int(lines)} requests): run "
+                          "the same command (--mode batch) to send, wait for and collect them; `cancel --out` "
+                          "cancels them")
+    elif report.state == "budget":
         t.add_row("next", "raise --max-cost and run the same command again: done items are skipped")
     elif report.state in ("crashed", "interrupted", "failed") or (report.left and report.state != "running"):
         t.add_row("next", "run the same command again to resume: done items are skipped, failed ones retried")
@@ -378,3 +419,44 @@ def render_status(report: StatusReport, console: Console) -> None:
     for w in report.warnings:
         t.add_row("warning", Text(w, style="yellow"))
     console.print(t)
+    if report.batches:
+        console.print(render_batches(report.batches))
+
+
+OPEN_BATCH_STATES = frozenset({"planned", "uploaded", "submitted", "waiting", "ended"})  # the batch run's to finish
+
+
+def short_age(seconds: float | None) -> str:
+    """'42s', '5m', '3.2h', '2d': a batch's age in a narrow column (a batch lives up to 24 h or so)."""
+    return "-" if seconds is None else _age(seconds, ("s", "m", "h", "d"))
+
+
+def batch_state_text(b: dict[str, Any]) -> str:
+    """A shard's state in a few words: the provider's status while its batch is in flight, ours otherwise
+    (with the provider's last word when it was not `completed`: an expired or cancelled batch)."""
+    state, status = b.get("state"), b.get("batch_status")
+    if state == "submitted":
+        return status or "submitted"
+    if state == "ended":
+        return f"{status or 'ended'}, to collect"
+    if state == "collected":
+        return "collected" if status in (None, "completed") else f"collected ({status})"
+    return {"planned": "planned, not sent", "waiting": "waiting (token limit)",
+            "local": "local file"}.get(state, str(state))
+
+
+def render_batches(batches: list[dict[str, Any]]) -> Table:
+    """The folder's batches, one row each: shard (`r2`: its round, for a re-submission), batch id, state,
+    lines, done/failed, age. Fits 80 columns with OpenAI's 30-character batch ids: the ids and numbers
+    never wrap, the state wraps if it must."""
+    t = Table(title="batches (as a run of this folder last saw them)", box=box.SIMPLE_HEAVY, title_justify="left",
+              show_edge=False, padding=(0, 0))  # (the box draws a space between columns)
+    for name in ("shard", "batch", "state", "lines", "done", "failed", "age"):
+        t.add_column(name, no_wrap=name != "state", justify="right" if name in ("lines", "done", "failed", "age")
+                     else "left", min_width=11 if name == "state" else None)
+    for b in batches:
+        shard = b["shard"] if (b.get("round") or 1) <= 1 else f"{b['shard']} r{b['round']}"
+        t.add_row(shard, Text(b.get("batch_id") or "-"), Text(batch_state_text(b)), fmt_int(b["lines"]),
+                  "-" if b.get("done") is None else fmt_int(b["done"]),
+                  "-" if b.get("failed") is None else fmt_int(b["failed"]), short_age(b.get("age_s")))
+    return t

@@ -81,5 +81,6 @@ class ManifestKeeper:
             "failed": self.stats.failed_total,
             "cost_usd": self.stats.spent_run.json_value(),
             "run_id": self.stats.run_id,
+            "mode": self.data.get("mode") or "online",  # online or batch rows can share one folder
         }]
         self.save(state)

@@ -64,10 +64,11 @@ from pipeline.providers.tokens import estimate_request
 from pipeline.providers.presets import get_preset, preset_prices, resolve_key
 from pipeline.run.control import Controller, signal_handlers, watch_until
 from pipeline.run.outage import DEFAULT_BASE_URL, OutagePolicy, OutageTracker, cannot_reach_message, watch_outages
-from pipeline.run.dispatch import Dispatcher, Job, plan_jobs, scan_work
+from pipeline.run.dispatch import Dispatcher, Job, captions_wanted, plan_jobs, scan_work
 from pipeline.run.sample import describe_subset, select_entries
 from pipeline.ledger.inputs import Change, Inputs, check_inputs, current_inputs, fingerprint_file, folder_has_rows
 from pipeline.ledger.lock import FolderLock
+from pipeline.ledger.redo import apply_redo
 from pipeline.ledger.manifest import read_manifest
 from pipeline.run.keeper import ManifestKeeper
 from pipeline.ledger.outputs import output_csv_names
@@ -521,6 +522,68 @@ def key_hint(cfg: RunConfig) -> str:
     return f"{preset_var} (OPENAI_API_KEY was sent in its place)"
 
 
+@dataclass
+class AnswerRows:
+    """What one answer gives its job's slots (`answer_rows`), before any retry decision.
+
+    `rows`: caption or attribute rows of the slots filled; `bad`: (slot, INVALID, why) of structured
+    answers that fail their schema, with `invalid_reasons` (the validation reason codes, in order) and
+    `bad_usage` (their share of the bill); `repair`: the first malformed answer and what is wrong with it;
+    `unfilled`: slots no choice filled (refused, empty, or `n` not honoured).
+    """
+
+    rows: list[Result]
+    bad: list[tuple[int, ErrorKind, str]]
+    invalid_reasons: list[str]
+    bad_usage: list[Usage]
+    repair: tuple[str, str] | None
+    unfilled: tuple[int, ...]
+
+    @property
+    def failed(self) -> tuple[int, ...]:
+        """Slots answered with no usable caption: invalid ones first, then unfilled ones."""
+        return tuple(i for i, _, _ in self.bad) + tuple(self.unfilled)
+
+
+def answer_rows(job: Job, prompt_text: str, reply: ModelReply, price: ModelPrice) -> AnswerRows:
+    """The rows an answer makes for `job`'s slots, judged by the same rules online and in batch mode
+    (pure: no counters, no retries). The usage is split over the texts (`split_usage`), each row costed
+    at `price` (the batch price for a Batch API answer); a structured answer is validated against its
+    prompt's schema."""
+    ts = now_iso()
+    filled = list(zip(job.indices, reply.texts))
+    usages = split_usage(reply.usage, len(filled))
+    rows: list[Result] = []
+    bad: list[tuple[int, ErrorKind, str]] = []
+    reasons: list[str] = []
+    bad_usage: list[Usage] = []  # the invalid answers' share of the bill: it goes on their error rows
+    repair: tuple[str, str] | None = None  # a malformed answer and what is wrong with it
+    for (idx, text), u in zip(filled, usages):
+        cost = row_cost(price, u)
+        if job.prompt.schema is not None:
+            try:
+                fields = validate_answer(text, job.prompt.schema)
+            except AttributeValidationError as exc:
+                bad.append((idx, ErrorKind.INVALID, f"{exc.reason}: {exc.detail}"))
+                reasons.append(exc.reason)
+                bad_usage.append(u)
+                repair = repair or (text, f"{exc.reason}: {exc.detail}")
+                continue
+            rows.append(AttributeRow(
+                job.entry.image_id, job.prompt.name, fields, ts, reply.model, u.prompt_tokens,
+                u.completion_tokens, cost, caption_index=idx, prompt_hash=job.prompt_hash,
+                position=job.entry.position,
+            ))
+        else:
+            rows.append(CaptionRow(
+                image_id=job.entry.image_id, prompt=prompt_text, caption=text, timestamp=ts,
+                model=reply.model, prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                cost_usd=cost, prompt_name=job.prompt.name, caption_index=idx, attempts=job.attempts,
+                latency_s=reply.latency_s, prompt_hash=job.prompt_hash, position=job.entry.position,
+            ))
+    return AnswerRows(rows, bad, reasons, bad_usage, repair, tuple(job.indices[len(filled):]))
+
+
 def handle_reply(
     ctx: Context, job: Job, prompt_text: str, reply: ModelReply, *, mode: FormatMode | None = None
 ) -> list[Result]:
@@ -535,44 +598,18 @@ def handle_reply(
     disp = ctx.dispatcher
     learn_from_answer(ctx, job, len(job.indices), len(reply.texts) + len(reply.rejected), mode)
     _account(ctx, reply.usage)
-    ts = now_iso()
-    filled = list(zip(job.indices, reply.texts))
-    usages = split_usage(reply.usage, len(filled))
-    rows: list[Result] = []
-    bad: list[tuple[int, ErrorKind, str]] = []
-    bad_usage: list[Usage] = []  # the invalid answers' share of the bill: it goes on their error rows
-    repair: tuple[str, str] | None = None  # a malformed answer and what is wrong with it
-    for (idx, text), u in zip(filled, usages):
-        cost = row_cost(ctx.price, u)
-        if job.prompt.schema is not None:
-            try:
-                fields = validate_answer(text, job.prompt.schema)
-            except AttributeValidationError as exc:
-                bad.append((idx, ErrorKind.INVALID, f"{exc.reason}: {exc.detail}"))
-                bad_usage.append(u)
-                repair = repair or (text, f"{exc.reason}: {exc.detail}")
-                if mode is not None:
-                    new_mode, line = format_after_invalid(ctx.fallbacks, mode, exc.reason)
-                    if new_mode is not None and line is not None:
-                        apply_format(ctx.fallbacks, new_mode, "ignored")
-                        _say_once(ctx, f"format:{new_mode.value}", line)
-                        _sync_format_stats(ctx)
-                continue
-            rows.append(AttributeRow(
-                job.entry.image_id, job.prompt.name, fields, ts, reply.model, u.prompt_tokens,
-                u.completion_tokens, cost, caption_index=idx, prompt_hash=job.prompt_hash,
-                position=job.entry.position,
-            ))
-        else:
-            rows.append(CaptionRow(
-                image_id=job.entry.image_id, prompt=prompt_text, caption=text, timestamp=ts,
-                model=reply.model, prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
-                cost_usd=cost, prompt_name=job.prompt.name, caption_index=idx, attempts=job.attempts,
-                latency_s=reply.latency_s, prompt_hash=job.prompt_hash, position=job.entry.position,
-            ))
+    answer = answer_rows(job, prompt_text, reply, ctx.price)
+    if mode is not None:
+        for reason in answer.invalid_reasons:
+            new_mode, line = format_after_invalid(ctx.fallbacks, mode, reason)
+            if new_mode is not None and line is not None:
+                apply_format(ctx.fallbacks, new_mode, "ignored")
+                _say_once(ctx, f"format:{new_mode.value}", line)
+                _sync_format_stats(ctx)
+    rows, bad, bad_usage = answer.rows, answer.bad, answer.bad_usage
     if rows:
         ctx.stats.captioned(job.entry.image_id, _preview(rows[0]), reply.latency_s, n=len(rows))
-    unfilled = job.indices[len(filled):]
+    unfilled = answer.unfilled
     if unfilled and not reply.rejected:
         ctx.n_supported = False
         for i in unfilled:
@@ -582,7 +619,7 @@ def handle_reply(
     out: list[Result] = list(rows)
     if failed:
         kind, why = (bad[0][1], bad[0][2]) if bad else reply.rejected[0]
-        rest = disp.adopt(Job(job.entry, job.prompt, failed, job.attempts, job.soft_failures, repair=repair))
+        rest = disp.adopt(Job(job.entry, job.prompt, failed, job.attempts, job.soft_failures, repair=answer.repair))
         # refused choices' tokens are already on the caption rows (the usage is split over the texts)
         billed = Billed(reply.model, sum_usage(bad_usage)) if bad_usage else None
         out += handle_failure(ctx, rest, kind, why, reply.headers, billed)
@@ -715,6 +752,8 @@ def prepare(cfg: RunConfig, *, readonly: bool = False) -> Prepared:
             previous, inputs, has_rows=folder_has_rows(cfg.out, output_csv_names(cfg.out)),
             allow_changes=cfg.allow_changes, out_dir=cfg.out,
         )
+        redo = apply_redo(cfg.out, cfg.redo, {p.name: captions_wanted(p, cfg.model.captions_per_image) for p in prompts},
+                          readonly=readonly)  # --redo; also finishes a move a kill cut short (ledger.redo)
         positions = index_positions(whole.entries)  # answered by the compact index: no 1M-entry dict
         attr_fields: list[str] = []
         for p in prompts:
@@ -725,6 +764,7 @@ def prepare(cfg: RunConfig, *, readonly: bool = False) -> Prepared:
                               index_key=inputs.index.sha256 if inputs.index else None,
                               last_position=max(0, len(whole.entries) - 1))
         resume = writer.read_done() if readonly else writer.open(previous_batch_size=previous_batch_size(previous))
+        redo.exclude_from(resume)  # a dry run moved nothing: its estimate counts the rejected as not done
         resume.repaired[:0] = check.notes
         work = scan_work(index.entries, prompts, cfg.model.captions_per_image, resume.done)
         total, skipped = work.total, work.skipped
@@ -975,6 +1015,7 @@ def describe_run(prep: Prepared) -> dict[str, Any]:
         "prompts": [
             {"name": p.name, "path": str(p.path) if p.path else None, "sha256": p.fingerprint} for p in prep.prompts
         ],
+        "mode": "online",  # batch runs (pipeline.batch.flow) record "batch"; an older manifest without it: online
         "backend": cfg.model.backend,
         "provider": cfg.model.provider,  # its key variable may be named, the key never
         "model": cfg.model.model,
@@ -1016,10 +1057,16 @@ def run(cfg: RunConfig, *, views: ViewFactory | None = None, notes: Sequence[str
     """
     prep = prepare(cfg)
     try:
-        for note in [*notes, *([prep.subset_note] if prep.subset_note else [])]:
-            print(f"note: {note}", file=sys.stderr)
-        for warning in start_warnings(prep):
-            print(f"warning: {warning}", file=sys.stderr)
+        announce(prep, notes)
         return anyio.run(lambda: run_prepared(prep, views=views))
     finally:
         prep.release()
+
+
+def announce(prep: Prepared, notes: Sequence[str] = ()) -> None:
+    """The lines a run starts with, once every check has passed: the caller's notes, the subset chosen,
+    then the warnings (unknown price, region, encoding). Online and batch runs say them alike."""
+    for note in [*notes, *([prep.subset_note] if prep.subset_note else [])]:
+        print(f"note: {note}", file=sys.stderr)
+    for warning in start_warnings(prep):
+        print(f"warning: {warning}", file=sys.stderr)

@@ -26,7 +26,10 @@ In another process (benchmarks)::
     # prints "LISTENING http://127.0.0.1:PORT/v1", serves until SIGTERM/SIGINT/stdin EOF,
     # then prints "STATS {...json...}".
 
-Nothing here imports from ``pipeline`` (token counts are an independent estimate).
+The Batch API (``/v1/files``, ``/v1/batches``) lives in ``pipeline.testing.batchserver``; its lines are
+answered by the same code as the chat endpoint (``LoopbackServer._complete``).
+
+Nothing here imports from ``pipeline`` outside ``pipeline.testing`` (token counts are an independent estimate).
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ from typing import Any, Iterable
 
 from aiohttp import web
 from PIL import Image, UnidentifiedImageError
+
+from pipeline.testing.batchserver import BatchService
 
 __all__ = [
     "LoopbackConfig",
@@ -493,6 +498,20 @@ class LoopbackConfig:
     error_shape: str = "openai"
     storms: list[tuple[int, float]] = field(default_factory=list)  # (after N requests, seconds) of 429s
 
+    # Batch API (/v1/files, /v1/batches; pipeline.testing.batchserver). Each line is answered as the chat
+    # endpoint answers it (same captions, faults, usage; no rate limits, storms or transport faults).
+    batch_step_s: float = 0.0  # seconds per lifecycle step (validating, finalizing) and per line
+    batch_line_fail_p: float = 0.0  # probability of a 500 line (error file), on top of p_5xx
+    batch_expire_after: int | None = None  # a batch expires after this many lines are done (None = never)
+    batch_enqueued_token_limit: int | None = None  # per model, prompt tokens of in-progress batches
+    batch_max_lines: int = 50_000  # more lines -> the batch fails validation (too_many_tasks)
+    batch_max_bytes: int = 200_000_000  # a larger input file -> the batch fails validation (file_too_large)
+    batch_max_upload_bytes: int = 512_000_000  # a larger upload -> 400 at /v1/files
+    # Kill tests: the server has done the work, then holds the HTTP answer this long.
+    batch_delay_upload_s: float = 0.0
+    batch_delay_create_s: float = 0.0
+    batch_delay_content_s: float = 0.0
+
 
 class LoopbackStats:
     """Counters updated on the server loop; read from any thread.
@@ -518,6 +537,13 @@ class LoopbackStats:
         self.prompt_tokens = 0  # summed over 200 answers
         self.completion_tokens = 0
         self.azure_requests: list[tuple[str, str | None]] = []  # (path, api-version) of Azure-style requests
+        # Batch API: calls per kind (upload, file_retrieve, file_list, content, delete, create, retrieve,
+        # list, cancel), batches created per (metadata reid_prompt_folder, reid_prompt_shard), lines per
+        # outcome (the line's HTTP status, "expired", "cancelled"). Chat-level counts of batch lines are in
+        # the server's `batch_line_stats`.
+        self.batch_calls: Counter[str] = Counter()
+        self.batches_created: Counter[tuple[str, str]] = Counter()
+        self.batch_lines: Counter[str] = Counter()
 
     def reset(self) -> None:
         with self._lock:
@@ -555,6 +581,9 @@ class LoopbackStats:
                 "first_arrival": self.timestamps[0] if self.timestamps else None,
                 "last_arrival": self.timestamps[-1] if self.timestamps else None,
                 "last_answer": self.last_answer,
+                "batch_calls": dict(self.batch_calls),
+                "batches_created": {f"{f}/{s}": n for (f, s), n in self.batches_created.items()},
+                "batch_lines": dict(self.batch_lines),
             }
             if timestamps:
                 d["timestamps"] = list(self.timestamps)
@@ -575,6 +604,9 @@ class LoopbackStats:
                 "in_flight": self.in_flight,
                 "max_in_flight": self.max_in_flight,
                 "extra_requests": self.requests - len(self.attempts),
+                "batch_calls": Counter(self.batch_calls),
+                "batches_created": Counter(self.batches_created),
+                "batch_lines": Counter(self.batch_lines),
             }
 
     def __repr__(self) -> str:
@@ -741,6 +773,8 @@ class LoopbackServer:
         if overrides:
             self.configure(**overrides)
         self.stats = LoopbackStats()
+        self.batch_line_stats = LoopbackStats()  # chat-level counts of the lines batches answered
+        self.batches = BatchService(self)  # /v1/files + /v1/batches state, kept across stop()/start()
         self.port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -777,6 +811,7 @@ class LoopbackServer:
     def reset_stats(self) -> None:
         """Zero the statistics, the per-(digest, prompt) attempt counts and storm triggers."""
         self.stats.reset()
+        self.batch_line_stats.reset()
         self._served_attempts = {}
         self._storm_count = 0
         self._storms_fired = set()
@@ -875,6 +910,7 @@ class LoopbackServer:
         # Azure OpenAI's paths: the deployment in the path is the model; ?api-version= is required.
         app.router.add_post("/openai/deployments/{deployment}/chat/completions", self._handle_chat)
         app.router.add_get("/openai/models", self._handle_models)
+        self.batches.add_routes(app)
         return app
 
     async def _startup(self) -> None:
@@ -897,6 +933,7 @@ class LoopbackServer:
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
+        self.batches.resume()  # batches in flight when the server stopped go on
 
     async def _shutdown(self) -> None:
         # Stop listening first: a client that retries a dropped request finds the port closed (refused),
@@ -1028,6 +1065,18 @@ class LoopbackServer:
         prompt = "\n".join(texts)
         return first, img_tokens, prompt, estimate_text_tokens(prompt)
 
+    def prompt_tokens_of(self, body: dict) -> int:
+        """Estimated prompt tokens of a chat request body, as `_complete` bills them (the Batch API's
+        enqueued-token count); 0 for a body it could not read (that line fails when it is answered)."""
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return 0
+        try:
+            _, img_tokens, _, text_tokens = self._parse_images_and_text(messages, str(body.get("model")))
+        except (_BadImage, ValueError):
+            return 0
+        return img_tokens + text_tokens + message_overhead(len(messages))
+
     @staticmethod
     def _decode_data_url(url: Any) -> bytes:
         if not isinstance(url, str) or not url.startswith("data:"):
@@ -1122,9 +1171,10 @@ class LoopbackServer:
             if task is not None:
                 self._tasks.discard(task)
 
-    def _count(self, outcome: str) -> None:
-        with self.stats._lock:
-            self.stats.outcomes[outcome] += 1
+    def _count(self, outcome: str, st: LoopbackStats | None = None) -> None:
+        st = self.stats if st is None else st
+        with st._lock:
+            st.outcomes[outcome] += 1
 
     async def _chat(self, request: web.Request, now: float) -> web.StreamResponse:
         cfg = self.config
@@ -1176,44 +1226,56 @@ class LoopbackServer:
                 self._count("404")
                 return self._json(404, _err("Resource not found", "invalid_request_error", "404"))
             model = deployment
+        return await self._complete(body, model, now, request, req_no)
+
+    async def _complete(
+        self, body: dict, model: Any, now: float, request: web.Request | None, req_no: int = 0
+    ) -> web.Response:
+        """Answer a parsed chat request. `request` None = a line of a batch (pipeline.testing.batchserver):
+        the same validation, captions, faults and usage, but no rate limits, storms, latency or transport
+        faults (drop, hang, injected 429, slow), which belong to an HTTP exchange, not to the answer; its
+        counts go to `batch_line_stats`."""
+        cfg = self.config
+        online = request is not None
+        st = self.stats if online else self.batch_line_stats
         if not isinstance(model, str) or not model:
-            self._count("400")
+            self._count("400", st)
             return self._json(400, _err("you must provide a model parameter", "invalid_request_error", None, "model"))
         if model not in cfg.models:
             if cfg.unknown_model == "400_detail":  # transformers serve: a 400, the reason only in `detail`
-                self._count("400")
+                self._count("400", st)
                 return web.json_response(
                     {"detail": f"Failed to load model {model}: it is neither a local folder nor a model "
                                "identifier on the Hub"}, status=400)
-            self._count("404")
+            self._count("404", st)
             return self._json(404, self._model_404(model))
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
-            self._count("400")
+            self._count("400", st)
             return self._json(
                 400, _err("Invalid 'messages': expected a non-empty array.", "invalid_request_error", None, "messages")
             )
         n = body.get("n") or 1
         if not isinstance(n, int) or not 1 <= n <= 128:
-            self._count("400")
+            self._count("400", st)
             return self._json(400, _err(f"Invalid 'n': {n!r}.", "invalid_request_error", "invalid_value", "n"))
         if cfg.reject_n and n > 1:  # llama-server's words and shape (its code is the status, a number)
-            self._count("400")
+            self._count("400", st)
             return self._json(400, {"error": {"code": 400, "message": "Only one completion choice is allowed",
                                               "type": "invalid_request_error"}})
         rf_type = body.get("response_format", {}).get("type") if isinstance(body.get("response_format"), dict) else None
         if rf_type is not None and (cfg.response_format_mode == "reject"
                                     or (cfg.response_format_mode == "reject_schema" and rf_type == "json_schema")):
-            self._count("400")
+            self._count("400", st)
             return self._json(400, _err(f"response_format type {rf_type!r} is not supported by this server",
                                         "invalid_request_error", None, "response_format"))
         try:
             image, img_tokens, prompt, text_tokens = self._parse_images_and_text(messages, model)
         except _BadImage as e:
-            self._count("400")
+            self._count("400", st)
             return self._json(400, _err(str(e), "invalid_request_error", "invalid_image", "messages"))
         except ValueError as e:
-            self._count("400")
+            self._count("400", st)
             return self._json(400, _err(str(e), "invalid_request_error", None, "messages"))
 
         digest = image_digest(image or b"")
@@ -1228,13 +1290,13 @@ class LoopbackServer:
         cost = prompt_tokens + int(max_tokens) * n
 
         # --- storms -----------------------------------------------------------------
-        if cfg.storms:
+        if online and cfg.storms:
             for i, (after, dur) in enumerate(cfg.storms):
                 key = (int(after), float(dur), i)
                 if req_no > after and key not in self._storms_fired:
                     self._storms_fired.add(key)
                     self._storm_until = max(self._storm_until, now + dur)
-        if now < self._storm_until:
+        if online and now < self._storm_until:
             rb, tb = self._buckets()
             for b in (rb, tb):
                 if b is not None:
@@ -1253,7 +1315,7 @@ class LoopbackServer:
             )
 
         # --- rate limits --------------------------------------------------------------
-        rb, tb = self._buckets()
+        rb, tb = self._buckets() if online else (None, None)
         if rb is not None or tb is not None:
             if rb is not None:
                 rb.refill(now)
@@ -1323,6 +1385,8 @@ class LoopbackServer:
         repair = any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages)
         if fault == "invalid_json" and (schema is None or (cfg.repairable and repair)):
             fault = "ok"
+        if not online and fault in ("drop", "hang", "429", "slow"):
+            fault = "ok"  # faults of an HTTP exchange; a batch line is answered
 
         if fault == "429":
             ra = cfg.fault_retry_after_s
@@ -1338,14 +1402,16 @@ class LoopbackServer:
                 headers,
             )
         if fault == "hang":
-            self._count("hang")
+            self._count("hang", st)
             await asyncio.sleep(cfg.hang_s)
             self._abort(request)
             return web.Response(status=504)
         delay = cfg.slow_s if fault == "slow" else cfg.latency
-        if cfg.serve_slots > 0:
+        if request is None:
+            pass  # a batch line's time is batch_step_s, spent by the batch worker
+        elif cfg.serve_slots > 0:
             if cfg.max_pending > 0 and self._waiting >= cfg.max_pending:
-                self._count("busy")
+                self._count("busy", st)
                 return self._json(503, {"error": "server busy, please try again.  maximum pending requests "
                                                  "exceeded"}, headers)
             request[_PENDING] = True
@@ -1356,11 +1422,11 @@ class LoopbackServer:
             await asyncio.sleep(delay)
             request[_PENDING] = False
         if fault == "drop":
-            self._count("drop")
+            self._count("drop", st)
             self._abort(request)
             raise _Dropped()
         if fault in ("5xx", "fail_first"):
-            self._count("5xx")
+            self._count("5xx", st)
             if fault == "fail_first":
                 status, err_body = _5XX[0]
             else:
@@ -1536,6 +1602,17 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-first-attempts", type=int, default=0)
     p.add_argument("--storm", type=_parse_storm, action="append", default=[], metavar="N:SECONDS",
                    help="after the N-th request, 429 everything for SECONDS (repeatable)")
+    p.add_argument("--batch-step-s", type=float, default=d.batch_step_s,
+                   help="Batch API: seconds per lifecycle step and per line")
+    p.add_argument("--batch-line-fail-p", type=float, default=0.0, help="Batch API: probability of a 500 line")
+    p.add_argument("--batch-expire-after", type=int, default=None, help="Batch API: expire after N lines")
+    p.add_argument("--batch-enqueued-token-limit", type=int, default=None,
+                   help="Batch API: enqueued prompt tokens per model (over it: token_limit_exceeded)")
+    p.add_argument("--batch-max-lines", type=int, default=d.batch_max_lines)
+    p.add_argument("--batch-max-bytes", type=int, default=d.batch_max_bytes)
+    p.add_argument("--batch-delay-upload-s", type=float, default=0.0, help="hold the upload answer (kill tests)")
+    p.add_argument("--batch-delay-create-s", type=float, default=0.0, help="hold the create answer (kill tests)")
+    p.add_argument("--batch-delay-content-s", type=float, default=0.0, help="hold file contents (kill tests)")
     p.add_argument("--no-stdin-watch", action="store_true", help="do not stop when stdin reaches EOF")
     p.add_argument("--stats-timestamps", action="store_true", help="include timestamps in the STATS line")
     return p
@@ -1580,6 +1657,15 @@ def config_from_args(a: argparse.Namespace) -> LoopbackConfig:
         invalid_json_mode=a.invalid_json_mode,
         fail_first_attempts=a.fail_first_attempts,
         storms=list(a.storm),
+        batch_step_s=a.batch_step_s,
+        batch_line_fail_p=a.batch_line_fail_p,
+        batch_expire_after=a.batch_expire_after,
+        batch_enqueued_token_limit=a.batch_enqueued_token_limit,
+        batch_max_lines=a.batch_max_lines,
+        batch_max_bytes=a.batch_max_bytes,
+        batch_delay_upload_s=a.batch_delay_upload_s,
+        batch_delay_create_s=a.batch_delay_create_s,
+        batch_delay_content_s=a.batch_delay_content_s,
     )
 
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("saturation", "overhead", "ceiling", "faults", "memory", "kill", "full_disk", "adaptive", "realserver", "resume")
+BENCHMARKS = ("saturation", "overhead", "ceiling", "faults", "memory", "kill", "full_disk", "adaptive", "realserver", "resume", "batch", "gallery")
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""Command line: `python -m pipeline {prepare,run,status,export,report,probe} ...`.
+"""Command line: `python -m pipeline {prepare,run,status,export,report,compare,gallery,probe} ...`.
 
 This is the only place errors become text and exit codes: a `ReidPromptError` prints one line
 `error: ...` on stderr and exits non-zero; nothing below prints tracebacks at a user.
@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from pipeline import __version__
-from pipeline.config import LimitConfig, ModelConfig, PriceConfig, RunConfig, SubsetConfig
+from pipeline.config import (
+    BATCH_MAX_BYTES,
+    BATCH_MAX_REQUESTS,
+    BatchConfig,
+    LimitConfig,
+    ModelConfig,
+    PriceConfig,
+    RunConfig,
+    SubsetConfig,
+)
 from pipeline.errors import EXIT_INTERRUPTED, EXIT_MEANINGS, InputError, ReidPromptError, exit_code_for
 from pipeline.providers.presets import (
     AZURE_API_VERSION,
@@ -183,6 +192,9 @@ def build_parser(prog: str = "python -m pipeline") -> argparse.ArgumentParser:
     r.add_argument("--price-out", type=_non_negative_float, default=None, help="USD per 1M output tokens")
     r.add_argument("--price-cached-in", type=_non_negative_float, default=None, help="USD per 1M cached input tokens")
     r.add_argument("--dry-run", action="store_true", help="estimate tokens and cost of what is left; send nothing")
+    r.add_argument("--redo", type=Path, default=None, metavar="REVIEW_CSV",
+                   help="ask again the captions a review (the gallery's review.csv: image_id, prompt_name, "
+                        "caption_index, verdict) rejects; their old rows move to captions_replaced.csv")
     r.add_argument("--allow-changes", action="store_true",
                    help="rerun on a folder made with another prompt text, model, detail or image root: keep its "
                         "rows as done and record the change in the manifest (default: refuse, exit 2)")
@@ -206,10 +218,50 @@ def build_parser(prog: str = "python -m pipeline") -> argparse.ArgumentParser:
     r.add_argument("--no-hedge", action="store_true",
                    help="never send a second request for one that is out far longer than the rest near the end "
                         "of a run (hedging is on by default, off under --rpm/--tpm, learned limits or --max-cost)")
+    b = r.add_argument_group("Batch API (--mode batch: the same work at the batch price, answered within 24 h)")
+    b.add_argument("--mode", choices=["online", "batch"], default="online",
+                   help="online: one request per call (default); batch: shards of requests through the Batch "
+                        "API (/v1/files + /v1/batches), resumable, written to the same files")
+    b.add_argument("--batch-max-requests", type=_positive_int, default=BATCH_MAX_REQUESTS, metavar="N",
+                   help=f"lines per batch file at most (default {BATCH_MAX_REQUESTS:,}, OpenAI's limit)")
+    b.add_argument("--batch-max-bytes", type=_positive_int, default=BATCH_MAX_BYTES, metavar="N",
+                   help=f"bytes per batch file at most, base64 images counted (default {BATCH_MAX_BYTES:,}, "
+                        "just under OpenAI's 200 MB)")
+    b.add_argument("--batch-max-tokens", type=_positive_int, default=None, metavar="N",
+                   help="estimated input tokens per batch at most: your tier's enqueued-token limit for the model "
+                        "(default: no cap; a batch refused for the limit waits for this folder's batches to end)")
+    b.add_argument("--batch-files-only", type=Path, default=None, metavar="DIR",
+                   help="write the batch files (JSONL, as `vllm run-batch` reads) to DIR and send nothing; "
+                        "`collect` ingests the output files; needs no API key")
+    b.add_argument("--no-wait", action="store_true",
+                   help="submit the batches, print their ids and exit 0; the same command later collects them")
+    b.add_argument("--keep-batch-files", action="store_true",
+                   help="leave the input and output files on the provider once collected (default: deleted)")
+    # the longest pause between two looks at a batch in flight (tests use small values)
+    b.add_argument("--poll-max", type=_positive_seconds, default=60.0, help=argparse.SUPPRESS)
 
     s = sub.add_parser("status", help="how far a run's output folder is, from its files alone")
     s.add_argument("--out", required=True, type=Path)
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    ca = sub.add_parser("cancel", help="cancel an output folder's batches in flight and collect what they answered",
+                        description="Cancel every batch of the folder still in flight (--mode batch), wait until "
+                                    "each has ended and write what it answered; unanswered work is left for the "
+                                    "next run. The endpoint, key variable, index and prompts are the folder's "
+                                    "(manifest.json).", epilog=EXIT_CODES_HELP)
+    ca.add_argument("--out", required=True, type=Path, help="the run's output folder")
+    ca.add_argument("--base-url", default=None, help="the server, if not the one manifest.json records")
+    ca.add_argument("--poll-max", type=_positive_seconds, default=60.0, help=argparse.SUPPRESS)
+
+    co = sub.add_parser("collect", help="write batch output files produced elsewhere (vllm run-batch) into a folder",
+                        description="Join output JSONL files (OpenAI's batch output format, as `vllm run-batch` "
+                                    "writes) on custom_id against the shards `run --mode batch --batch-files-only` "
+                                    "wrote for this folder, and write the answers into its CSV files by the same "
+                                    "rules as a run. Unknown ids, work already done and malformed lines are "
+                                    "reported and never written. Nothing is sent; no key is needed.",
+                        epilog=EXIT_CODES_HELP)
+    co.add_argument("--out", required=True, type=Path, help="the run's output folder")
+    co.add_argument("files", nargs="+", type=Path, metavar="FILE", help="output JSONL file(s)")
 
     e = sub.add_parser("export", help="write training data for text-to-image ReID code")
     e.add_argument("--out", required=True, type=Path, help="the run's output folder")
@@ -221,6 +273,40 @@ def build_parser(prog: str = "python -m pipeline") -> argparse.ArgumentParser:
     q = sub.add_parser("report", help="caption quality report")
     q.add_argument("--out", required=True, type=Path)
     q.add_argument("--save", type=Path, default=None, help="JSON file (default: <out>/report.json)")
+
+    c = sub.add_parser("compare", help="a scoreboard of prompts and models across output folders",
+                       description="One row per (model, prompt) over the images they share: cost per image and "
+                                   "per 1,000 images, tokens, caption length, vocabulary and diversity, "
+                                   "refusals, cross-camera consistency within an identity, per-caption flags; "
+                                   "with --attributes agreement with the dataset's attribute labels; with "
+                                   "--retrieval clip text-to-image Rank-1/5/10 and mAP (Market-1501 protocol).")
+    c.add_argument("--out", required=True, type=Path, action="append", metavar="DIR",
+                   help="an output folder of `run` (repeatable: compare folders of other models or prompts)")
+    c.add_argument("--attributes", type=Path, default=None, metavar="FILE",
+                   help="the dataset's attribute labels (market_attribute.mat, duke_attribute.mat): score "
+                        "each prompt's agreement with them, attribute by attribute")
+    c.add_argument("--retrieval", choices=["clip"], default=None,
+                   help='clip: retrieve gallery images from query captions with CLIP (needs pip install ".[eval]")')
+    c.add_argument("--clip-model", default=None, metavar="NAME",
+                   help="CLIP model for --retrieval clip: a Hugging Face name or a local folder "
+                        "(default openai/clip-vit-base-patch32)")
+    c.add_argument("--save", type=Path, default=None, metavar="FILE.json", help="also write the scoreboard as JSON")
+    c.add_argument("--plot", type=Path, default=None, metavar="FILE.png", help="draw quality against cost per prompt")
+
+    g = sub.add_parser("gallery", help="a static HTML gallery of the captions, by person and camera, with review marks",
+                       description="Write a self-contained HTML gallery of an output folder (opens from file://, "
+                                   "no server, no network): images grouped by person id then camera, their "
+                                   "captions per prompt, structured attributes, errors and flags; mark captions "
+                                   "accept/reject with the keyboard and download review.csv for `run --redo`.")
+    g.add_argument("--out", required=True, type=Path, help="the run's output folder")
+    g.add_argument("--to", type=Path, default=None, metavar="PATH",
+                   help="the page to write (an .html file, or a folder for its index.html; default: "
+                        "<out>/gallery/index.html); assets, data and thumbnails go beside it")
+    g.add_argument("--prompt", nargs="+", action="extend", default=None, metavar="NAME",
+                   help="only these prompts (default: all); repeatable")
+    g.add_argument("--attributes", type=Path, default=None, metavar="FILE",
+                   help="the dataset's attribute labels (market_attribute.mat, duke_attribute.mat): flags the "
+                        "captions that disagree with them")
 
     pr = sub.add_parser("probe", help="find out what an OpenAI-compatible server does (a few tiny requests)",
                         description="Send a few tiny requests (a 32x64 image, a few output tokens; at most 40 "
@@ -302,11 +388,57 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
         dashboard=not a.no_dashboard,
         dry_run=a.dry_run,
         allow_changes=a.allow_changes,
+        redo=a.redo,
         follow_symlinks=a.follow_symlinks,
         excel=a.excel,
         progress_every=a.progress_every,
         subset=SubsetConfig(limit=a.limit, sample=a.sample, seed=a.seed),
+        batch=batch_config(a),
     )
+
+
+def batch_config(a: argparse.Namespace) -> BatchConfig:
+    """--mode and the Batch API options, with the combinations that make no sense refused (exit 2)."""
+    batch = BatchConfig(
+        mode=getattr(a, "mode", "online"),
+        max_requests=getattr(a, "batch_max_requests", BATCH_MAX_REQUESTS),
+        max_bytes=getattr(a, "batch_max_bytes", BATCH_MAX_BYTES),
+        max_tokens=getattr(a, "batch_max_tokens", None),
+        files_only=getattr(a, "batch_files_only", None),
+        no_wait=getattr(a, "no_wait", False),
+        keep_files=getattr(a, "keep_batch_files", False),
+        poll_max_s=getattr(a, "poll_max", 60.0),
+    )
+    problem = batch_problem(batch, backend=a.backend, dry_run=a.dry_run)
+    if problem:
+        raise InputError(problem)
+    return batch
+
+
+def batch_problem(batch: BatchConfig, *, backend: str, dry_run: bool) -> str | None:
+    """Why these batch options cannot go together (one line), or None. Pure."""
+    default = BatchConfig()
+    if batch.mode != "batch":
+        given = [flag for flag, value, usual in (
+            ("--batch-files-only", batch.files_only, default.files_only),
+            ("--no-wait", batch.no_wait, default.no_wait),
+            ("--keep-batch-files", batch.keep_files, default.keep_files),
+            ("--batch-max-requests", batch.max_requests, default.max_requests),
+            ("--batch-max-bytes", batch.max_bytes, default.max_bytes),
+            ("--batch-max-tokens", batch.max_tokens, default.max_tokens),
+            ("--poll-max", batch.poll_max_s, default.poll_max_s),
+        ) if value != usual]
+        if given:
+            return f"{given[0]} is an option of --mode batch (this run is online): add --mode batch, or leave it out"
+        return None
+    if backend == "offline":
+        return "--mode batch needs a server's Batch API: the offline backend has none (use --backend openai)"
+    if batch.files_only is not None:
+        for flag, value in (("--no-wait", batch.no_wait), ("--keep-batch-files", batch.keep_files),
+                            ("--dry-run", dry_run)):
+            if value:
+                return (f"--batch-files-only writes the batch files and sends nothing: {flag} does not go with it")
+    return None
 
 
 # --- commands ---------------------------------------------------------------------------------------------
@@ -354,10 +486,23 @@ def cmd_run(a: argparse.Namespace) -> int:
     console = Console()
     if cfg.dry_run:
         return _dry_run(cfg, console, notes)
+    if cfg.batch.enabled and cfg.batch.files_only is not None:
+        return _batch_files_only(cfg, notes)
+    if cfg.batch.enabled:
+        from pipeline.batch.flow import run_batch
+
+        outcome = run_batch(cfg, notes=notes)
+        if isinstance(outcome, int):
+            return outcome
+        return _report_run(outcome, console, subset_flags(cfg.subset), extra=_batch_tail(cfg.out))
+    from pipeline.batch.ledger import BATCHES_DIR, LEDGER_NAME
     from pipeline.review.dashboard import make_view
 
-    result = runner.run(cfg, views=lambda stats: make_view(stats, console, dashboard=cfg.dashboard,
-                                                            every_s=cfg.progress_every), notes=notes)
+    run = runner.run
+    if (Path(cfg.out) / BATCHES_DIR / LEDGER_NAME).is_file():  # a folder with batches: their work is theirs
+        from pipeline.batch.online import run_online as run
+    result = run(cfg, views=lambda stats: make_view(stats, console, dashboard=cfg.dashboard,
+                                                    every_s=cfg.progress_every), notes=notes)
     return _report_run(result, console, subset_flags(cfg.subset))
 
 
@@ -368,12 +513,76 @@ def _dry_run(cfg: RunConfig, console, notes: Sequence[str] = ()) -> int:
     prep = prepare(cfg, readonly=True)
     for note in [*notes, *([prep.subset_note] if prep.subset_note else [])]:
         print(f"note: {note}", file=sys.stderr)
+    if cfg.batch.enabled:  # the shards a batch run would write now, at the batch price beside the online one
+        from pipeline.batch.work import preview
+        from pipeline.review.estimate import render_batch_preview
+
+        render_batch_preview(preview(prep), prep, console)
+        return 0
     est = estimate_for_run(prep)
     render_estimate(est, console)
     return 0
 
 
-def _report_run(result, console, subset: str | None = None) -> int:
+def _batch_files_only(cfg: RunConfig, notes: Sequence[str] = ()) -> int:
+    """`run --mode batch --batch-files-only DIR`: the JSONL shards of the work left, for another server;
+    nothing sent, no key needed. Exit 0, or 1 when some images got no line (errors.csv says why)."""
+    from pipeline.batch.work import files_only_config, write_batch_files
+    from pipeline.run.runner import describe_run, prepare, start_warnings
+
+    folder = Path(cfg.batch.files_only)
+    prep = prepare(files_only_config(cfg))
+    try:
+        for note in [*notes, *([prep.subset_note] if prep.subset_note else [])]:
+            print(f"note: {note}", file=sys.stderr)
+        for warning in start_warnings(prep):
+            print(f"warning: {warning}", file=sys.stderr)
+
+        def wrote(rec) -> None:
+            print(f"wrote {prep.cfg.out / rec.jsonl if not Path(rec.jsonl).is_absolute() else rec.jsonl} "
+                  f"(shard {rec.shard_id}: {rec.lines:,} lines, {rec.bytes:,} bytes, "
+                  f"~{rec.est_input_tokens:,} input tokens)", flush=True)
+
+        shards, errors = write_batch_files(prep, folder, describe_run, progress=wrote)
+    finally:
+        prep.release()
+    failed = sum(errors.by_reason.values())
+    if failed:
+        reasons = ", ".join(f"{reason} {count:,}" for reason, count in sorted(errors.by_reason.items()))
+        print(f"{failed:,} caption(s) got no line ({reasons}): see {cfg.out / 'errors.csv'}", file=sys.stderr)
+    if not shards:
+        print("nothing left to write: every caption is done or already in a batch file of this folder")
+    else:
+        lines = sum(r.lines for r in shards)
+        print(f"{len(shards):,} batch file(s), {lines:,} requests, nothing sent. Run them with any server that "
+              f"reads OpenAI batch files, e.g. `vllm run-batch -i {folder / shards[0].shard_id}.jsonl -o "
+              f"{folder / shards[0].shard_id}.out.jsonl --model {cfg.model.model}`, then "
+              f"`{command_name(sys.argv[0] if sys.argv else '')} collect --out {cfg.out} <output files>`")
+    return 1 if failed else 0
+
+
+def _batch_tail(out: Path) -> str:
+    """The end of a batch run's summary line: costs at the batch price, and what is still on its way
+    (--no-wait, Ctrl-C, the budget or the token limit leave batches in flight or shards unsent)."""
+    from pipeline.batch.ledger import BatchLedger
+    from pipeline.errors import ReidPromptError
+
+    try:
+        open_ = [s for s in BatchLedger.load(out).outstanding() if s.state != "local"]
+    except ReidPromptError:
+        return "; costs at the batch price"
+    sent = [s for s in open_ if s.state != "planned"]
+    unsent = [s for s in open_ if s.state == "planned"]
+    tail = "; costs at the batch price"
+    if sent:
+        tail += (f"; {len(sent):,} batch(es) in flight ({sum(s.lines for s in sent):,} requests): "
+                 "the same command waits for and collects them")
+    if unsent:
+        tail += f"; {len(unsent):,} shard(s) not sent yet ({sum(s.lines for s in unsent):,} requests)"
+    return tail
+
+
+def _report_run(result, console, subset: str | None = None, extra: str = "") -> int:
     """The end of a run: the summary table on a terminal, the repair notes, ONE summary line that says
     how the run ended, on which subset of the index (`--limit`/`--sample`) and with which exit code,
     and the fatal error's own line."""
@@ -385,9 +594,43 @@ def _report_run(result, console, subset: str | None = None) -> int:
         print(f"repaired: {note}", file=sys.stderr)
     code = exit_code_for(result.state, result.snapshot.failed, result.fatal is not None, result.held)
     scope = f", subset {subset}" if subset else ""
-    print(f"{summary_line(result.snapshot)}{scope} (exit {code}: {EXIT_MEANINGS[code]})")
+    print(f"{summary_line(result.snapshot)}{scope}{extra} (exit {code}: {EXIT_MEANINGS[code]})")
     if result.fatal is not None:
         print(f"error: {result.fatal}", file=sys.stderr)
+    return code
+
+
+def cmd_cancel(a: argparse.Namespace) -> int:
+    from pipeline.batch.flow import cancel_folder
+
+    done = cancel_folder(a.out, base_url=a.base_url, poll_max_s=a.poll_max)
+    t = done.tally
+    ids = ", ".join(done.cancelled) if done.cancelled else "none in flight"
+    print(f"cancelled: {ids}; collected {t.captioned:,} caption(s), failed {t.failed:,}, "
+          f"left for the next run {t.left + t.retried:,}")
+    return _folder_exit(done.result)
+
+
+def cmd_collect(a: argparse.Namespace) -> int:
+    from pipeline.batch.flow import collect_folder
+
+    done = collect_folder(a.out, a.files)
+    t = done.tally
+    problems = [f"{n:,} {what}" for n, what in ((t.unknown, "unknown id(s)"), (t.duplicates, "duplicate(s)"),
+                                                  (t.malformed, "malformed line(s)"),
+                                                  (t.already_done, "already done")) if n]
+    print(f"collected {t.captioned:,} caption(s), failed {t.failed:,}, left for the next run {t.left + t.retried:,}"
+          + (f"; not written: {', '.join(problems)}" if problems else ""))
+    if done.left_shards:
+        print(f"shards still waiting for output: {', '.join(done.left_shards)}")
+    return _folder_exit(done.result)
+
+
+def _folder_exit(result) -> int:
+    """`cancel` / `collect`: the exit code of what they did, the fatal error's own line."""
+    code = exit_code_for(result.state, result.snapshot.failed, result.fatal is not None, result.held)
+    if result.fatal is not None:
+        print(f"error: {_one_line(str(result.fatal))}", file=sys.stderr)
     return code
 
 
@@ -430,6 +673,71 @@ def cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(a: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from pipeline.review.compare import (
+        build_scoreboard,
+        check_writable,
+        clip_retrieval_for,
+        load_groups,
+        render_scoreboard,
+        save_scoreboard,
+    )
+
+    if a.clip_model is not None and a.retrieval != "clip":
+        raise InputError("--clip-model needs --retrieval clip")
+    if a.plot is not None and a.plot.suffix.lower() != ".png":
+        raise InputError(f"--plot writes a PNG: give a file name ending in .png, not {a.plot.name!r}")
+    if a.retrieval == "clip":
+        from pipeline.review.clip import check_extra, check_model_name
+
+        check_extra()  # before reading anything: a missing extra is one line, exit 2
+        if a.clip_model is not None:
+            check_model_name(a.clip_model)
+    for path, option in ((a.save, "--save"), (a.plot, "--plot")):
+        if path is not None:
+            check_writable(path, option)
+    labels = None
+    if a.attributes is not None:
+        from pipeline.data.labels import load_attribute_labels
+
+        labels = load_attribute_labels(a.attributes)
+    groups, folders = load_groups(a.out, labels)
+    retrieval = None
+    if a.retrieval == "clip":
+        from pipeline.review.clip import DEFAULT_CLIP_MODEL
+
+        retrieval = clip_retrieval_for(folders, a.clip_model or DEFAULT_CLIP_MODEL,
+                                       progress=lambda line: print(line, file=sys.stderr, flush=True))
+    board = build_scoreboard(groups, labels, retrieval, attributes_file=str(a.attributes) if a.attributes else None)
+    render_scoreboard(board, Console())
+    if a.save is not None:
+        save_scoreboard(board, a.save)
+        print(f"saved {a.save}")
+    if a.plot is not None:
+        from pipeline.review.compare_plot import plot_scoreboard
+
+        plot_scoreboard(board, a.plot)
+        print(f"saved {a.plot}")
+    return 0
+
+
+def cmd_gallery(a: argparse.Namespace) -> int:
+    from pipeline.review.gallery import build_gallery
+
+    res = build_gallery(a.out, a.to, a.prompt, labels_path=a.attributes,
+                        say=lambda line: print(line, file=sys.stderr, flush=True))
+    for warning in res.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    flagged = ", ".join(f"{name} {count:,}" for name, count in res.flagged.items() if count) or "none"
+    print(f"gallery: {res.images:,} images of {res.persons:,} persons, {res.captions:,} captions, "
+          f"{res.attributes:,} structured answers, {res.errors:,} errors; flagged: {flagged}")
+    print(f"thumbnails: {res.thumbs_made:,} made, {res.thumbs_reused:,} reused, {res.unreadable:,} placeholders")
+    print(f"open {res.path}")
+    return 0
+
+
 def cmd_probe(a: argparse.Namespace) -> int:
     import json
     from dataclasses import replace
@@ -459,8 +767,12 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "prepare": cmd_prepare,
     "run": cmd_run,
     "status": cmd_status,
+    "cancel": cmd_cancel,
+    "collect": cmd_collect,
     "export": cmd_export,
     "report": cmd_report,
+    "compare": cmd_compare,
+    "gallery": cmd_gallery,
     "probe": cmd_probe,
 }
 
@@ -489,6 +801,17 @@ def _tolerant_streams() -> None:
                 reconfigure(errors="replace")
             except (ValueError, OSError):
                 pass
+
+
+READ_ONLY_COMMANDS = frozenset({"status", "report", "compare", "probe"})  # a closed pipe cuts nothing short
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
@@ -575,6 +898,11 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `status | head`: the reader has what it wanted. Say nothing (stdout is gone), and keep Python from
+        # complaining again when it flushes stdout at exit.
+        _silence_stdout()
+        return 0 if args.command in READ_ONLY_COMMANDS else 1
     except BaseException as exc:  # noqa: BLE001 - the edge: one line, never a traceback
         if isinstance(exc, SystemExit):
             raise

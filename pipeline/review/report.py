@@ -19,7 +19,10 @@ Definitions (what the tests check):
 * identical_within_prompt_share: images with some prompt whose ≥2 captions are all the same, over images
   with some prompt holding ≥2 captions (None when no image has two captions under one prompt).
 * colour_agreement: over images whose attributes give both upper_color and lower_color, the share of
-  their captions that name the upper colour, the lower colour, and both (grey = gray, Chinese names count).
+  their captions that name the upper colour, the lower colour, and both, anywhere in the caption; colour
+  words are read by `pipeline.review.wording` (grey = gray, navy = blue, Chinese names count), the same
+  reading the gallery's and the scoreboard's flags use (`pipeline.review.flags`). Empty and refusal
+  answers are told by `pipeline.export.caption_kind`, also the flags' rule.
 """
 
 from __future__ import annotations
@@ -37,20 +40,8 @@ from rich.text import Text
 from pipeline.errors import OutputError
 from pipeline.export import caption_kind, captions_by_image, clean_caption, tokenize
 from pipeline.records import CaptionRow
+from pipeline.review.wording import canonical_colour, colours_named
 
-COLOUR_WORDS: dict[str, tuple[str, ...]] = {
-    "black": ("black", "黑"),
-    "white": ("white", "白"),
-    "red": ("red", "红"),
-    "purple": ("purple", "violet", "紫"),
-    "yellow": ("yellow", "黄"),
-    "gray": ("gray", "grey", "灰"),
-    "grey": ("gray", "grey", "灰"),
-    "blue": ("blue", "蓝"),
-    "green": ("green", "绿"),
-    "brown": ("brown", "棕", "褐", "咖啡"),
-    "pink": ("pink", "粉"),
-}
 _MAX_LISTED_IDS = 20
 
 
@@ -138,7 +129,7 @@ def build_report(captions: list[CaptionRow], attributes: list[dict[str, str]] | 
         "vocabulary": len({t for toks in tokens.values() for t in toks}),
         "duplicate_caption_share": _duplicate_share(usable, texts),
         **_identical_within_prompt(usable, texts),
-        "colour_agreement": _colour_agreement(usable, tokens, texts, attributes or []),
+        "colour_agreement": _colour_agreement(usable, texts, attributes or []),
         "unusable_captions": len(refused),
         "unusable_image_ids": sorted({r.image_id for r in refused}),
     }
@@ -171,13 +162,12 @@ def _identical_within_prompt(usable: list[CaptionRow], texts: dict) -> dict:
     }
 
 
-def _mentions(colour: str, tokens: list[str], text: str) -> bool:
-    words = COLOUR_WORDS.get(colour.lower(), (colour.lower(),))
-    token_set = set(tokens)
-    return any(w in token_set if w.isascii() else w in text for w in words)
+def _names(colour: str, named: frozenset[str]) -> bool:
+    """Does a caption naming `named` (canonical colours) name the attribute's `colour`?"""
+    return (canonical_colour(colour) or colour.strip().lower()) in named
 
 
-def _colour_agreement(usable: list[CaptionRow], tokens: dict, texts: dict, attributes: list[dict[str, str]]) -> dict | None:
+def _colour_agreement(usable: list[CaptionRow], texts: dict, attributes: list[dict[str, str]]) -> dict | None:
     """Do captions name the colours the structured answer gave? A cheap cross-check of both."""
     colours: dict[str, tuple[str, str]] = {}
     for row in attributes:
@@ -192,8 +182,9 @@ def _colour_agreement(usable: list[CaptionRow], tokens: dict, texts: dict, attri
     up = low = both = 0
     for r in checked:
         upper, lower = colours[r.image_id]
-        u = _mentions(upper, tokens[r.key], texts[r.key])
-        lo = _mentions(lower, tokens[r.key], texts[r.key])
+        named = colours_named(texts[r.key])
+        u = _names(upper, named)
+        lo = _names(lower, named)
         up += u
         low += lo
         both += u and lo

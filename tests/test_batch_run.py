@@ -319,8 +319,20 @@ def test_rejected_key_is_one_line_exit_3_and_never_printed(cli, bserver, index, 
     lines = [line for line in res.err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in res.err
     assert "sk-wrong-key-1234567890" not in res.err + res.out
-    # nothing was sent: the shards wait in the ledger for the right key
-    assert all(s.state == "planned" for s in ledger_of(tmp_path / "out").shards)
+    # said before any image was read: no shard was planned, nothing was sent
+    assert ledger_of(tmp_path / "out").shards == []
+
+
+def test_a_server_without_the_batch_api_is_one_line_before_any_shard(cli, server, api_env, index, prompt_file,
+                                                                      tmp_path):
+    """A chat-only server (vLLM, Ollama): its 404 on /v1/batches is said at once, with what to do."""
+    server.configure(batch_api=False)
+    res = cli(*run_args(index, tmp_path / "out", prompt_file, server))
+    assert res.code == 3
+    lines = [line for line in res.err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "/v1/batches" in lines[0] and "Traceback" not in res.err
+    assert not (tmp_path / "out" / "batches").exists() or ledger_of(tmp_path / "out").shards == []
+    assert server.stats.requests == 0  # no chat request either
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to the own process")

@@ -152,6 +152,11 @@ class BatchAPI:
     async def cancel(self, batch_id: str) -> BatchInfo:
         return batch_info(_dump(await self._call(lambda: self.client.batches.cancel(batch_id))))
 
+    async def check(self) -> None:
+        """One cheap, unbilled call (the newest batch) before anything is planned: a wrong key or a server
+        without the Batch API is said in one line at once, not after minutes of reading images."""
+        await self._call(lambda: self.client.batches.list(limit=1))
+
     async def batches(self) -> AsyncIterator[BatchInfo]:
         """Every batch of the account, newest first, page by page."""
         async for b in self._pages(lambda after: self.client.batches.list(limit=PAGE, after=after)):

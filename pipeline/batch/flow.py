@@ -828,6 +828,7 @@ async def _with_flow(prep: Prepared, body, *, install_signals: bool = True,
 async def run_prepared_batch(prep: Prepared, *, install_signals: bool = True,
                              out: Callable[[str], None] = print) -> RunResult:
     async def body(flow: BatchFlow) -> None:
+        await flow._api(flow.api.check())  # key and endpoints, before any image is read
         await flow.plan_new()
         await flow.write_rows(flow._take_pending())
         await flow.drive()

@@ -264,15 +264,25 @@ class BatchService:
 
     def add_routes(self, app: web.Application) -> None:
         r = app.router
-        r.add_post("/v1/files", self._upload)
-        r.add_get("/v1/files", self._list_files)
-        r.add_get("/v1/files/{file_id}", self._retrieve_file)
-        r.add_get("/v1/files/{file_id}/content", self._content)
-        r.add_delete("/v1/files/{file_id}", self._delete_file)
-        r.add_post("/v1/batches", self._create)
-        r.add_get("/v1/batches", self._list_batches)
-        r.add_get("/v1/batches/{batch_id}", self._retrieve)
-        r.add_post("/v1/batches/{batch_id}/cancel", self._cancel)
+        on = self._if_offered
+        r.add_post("/v1/files", on(self._upload))
+        r.add_get("/v1/files", on(self._list_files))
+        r.add_get("/v1/files/{file_id}", on(self._retrieve_file))
+        r.add_get("/v1/files/{file_id}/content", on(self._content))
+        r.add_delete("/v1/files/{file_id}", on(self._delete_file))
+        r.add_post("/v1/batches", on(self._create))
+        r.add_get("/v1/batches", on(self._list_batches))
+        r.add_get("/v1/batches/{batch_id}", on(self._retrieve))
+        r.add_post("/v1/batches/{batch_id}/cancel", on(self._cancel))
+
+    def _if_offered(self, handler: Any) -> Any:
+        """`batch_api=False`: a chat-only server (vLLM's OpenAI server, Ollama) answers these paths 404,
+        FastAPI's {"detail": "Not Found"}."""
+        async def route(request: web.Request) -> web.StreamResponse:
+            if not self.host.config.batch_api:
+                return web.json_response({"detail": "Not Found"}, status=404)
+            return await handler(request)
+        return route
 
     def resume(self) -> None:
         """Start a worker for every batch not yet ended (called on the server loop at every start)."""

@@ -500,6 +500,7 @@ class LoopbackConfig:
 
     # Batch API (/v1/files, /v1/batches; pipeline.testing.batchserver). Each line is answered as the chat
     # endpoint answers it (same captions, faults, usage; no rate limits, storms or transport faults).
+    batch_api: bool = True  # False: no /v1/files, /v1/batches (404), as vLLM's and Ollama's servers
     batch_step_s: float = 0.0  # seconds per lifecycle step (validating, finalizing) and per line
     batch_line_fail_p: float = 0.0  # probability of a 500 line (error file), on top of p_5xx
     batch_expire_after: int | None = None  # a batch expires after this many lines are done (None = never)
@@ -1602,6 +1603,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-first-attempts", type=int, default=0)
     p.add_argument("--storm", type=_parse_storm, action="append", default=[], metavar="N:SECONDS",
                    help="after the N-th request, 429 everything for SECONDS (repeatable)")
+    p.add_argument("--no-batch-api", dest="batch_api", action="store_false",
+                   help="no /v1/files, /v1/batches (404), as a chat-only server such as vLLM's")
     p.add_argument("--batch-step-s", type=float, default=d.batch_step_s,
                    help="Batch API: seconds per lifecycle step and per line")
     p.add_argument("--batch-line-fail-p", type=float, default=0.0, help="Batch API: probability of a 500 line")
@@ -1657,6 +1660,7 @@ def config_from_args(a: argparse.Namespace) -> LoopbackConfig:
         invalid_json_mode=a.invalid_json_mode,
         fail_first_attempts=a.fail_first_attempts,
         storms=list(a.storm),
+        batch_api=a.batch_api,
         batch_step_s=a.batch_step_s,
         batch_line_fail_p=a.batch_line_fail_p,
         batch_expire_after=a.batch_expire_after,

@@ -16,6 +16,7 @@ from pipeline import __version__
 from pipeline.config import (
     BATCH_MAX_BYTES,
     BATCH_MAX_REQUESTS,
+    MAX_CONCURRENCY,
     BatchConfig,
     LimitConfig,
     ModelConfig,
@@ -28,6 +29,7 @@ from pipeline.providers.presets import (
     AZURE_API_VERSION,
     DEFAULT_PROVIDER,
     default_model,
+    model_or_default,
     provider_names,
     resolve_api_version,
     resolve_endpoint,
@@ -51,7 +53,6 @@ from pipeline.settings import (
 )
 
 EXIT_CODES_HELP = "exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_MEANINGS.items())
-MAX_CONCURRENCY = 1024  # more requests in flight help no server or rate limit; capped with a note
 DEFAULT_BATCH_SIZE = 20  # images per part file, as the seed's scripts ask (their default answer)
 DEFAULT_PROMPT = "base"  # the bundled prompt a run uses when none is given
 
@@ -341,10 +342,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
     prompt_files = [Path(DEFAULT_PROMPT)] if no_prompt_given(a) else list(a.prompt_files)
     # --base-url, else the provider's endpoint, else (openai) $OPENAI_BASE_URL: pipeline.providers.presets
     base_url = resolve_endpoint(a.provider, a.base_url, os.environ).base_url if a.backend == "openai" else None
-    model = a.model or default_model(a.provider)
-    if a.backend == "openai" and not model:
-        raise InputError(f"--provider {a.provider} needs --model: the name of the model "
-                         f"{'deployment ' if a.provider == 'azure' else ''}to ask")
+    model = model_or_default(a.provider, a.model) if a.backend == "openai" else "offline"
     concurrency = a.concurrency
     if concurrency > MAX_CONCURRENCY:
         print(f"note: --concurrency {concurrency:,} capped at {MAX_CONCURRENCY:,} (more requests in flight help "
@@ -359,7 +357,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
         batch_size=a.batch_size,
         model=ModelConfig(
             backend=a.backend,
-            model=model if a.backend == "openai" else "offline",
+            model=model,
             base_url=base_url,
             provider=a.provider,
             api_version=resolve_api_version(a.provider, a.api_version, os.environ),
@@ -508,10 +506,10 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 def _dry_run(cfg: RunConfig, console, notes: Sequence[str] = ()) -> int:
     from pipeline.review.estimate import estimate_for_run, render_estimate
-    from pipeline.run.runner import prepare
+    from pipeline.run.runner import prepare, start_notes
 
     prep = prepare(cfg, readonly=True)
-    for note in [*notes, *([prep.subset_note] if prep.subset_note else [])]:
+    for note in start_notes(prep, notes):
         print(f"note: {note}", file=sys.stderr)
     if cfg.batch.enabled:  # the shards a batch run would write now, at the batch price beside the online one
         from pipeline.batch.work import preview
@@ -528,15 +526,12 @@ def _batch_files_only(cfg: RunConfig, notes: Sequence[str] = ()) -> int:
     """`run --mode batch --batch-files-only DIR`: the JSONL shards of the work left, for another server;
     nothing sent, no key needed. Exit 0, or 1 when some images got no line (errors.csv says why)."""
     from pipeline.batch.work import files_only_config, write_batch_files
-    from pipeline.run.runner import describe_run, prepare, start_warnings
+    from pipeline.run.runner import announce, describe_run, prepare
 
     folder = Path(cfg.batch.files_only)
     prep = prepare(files_only_config(cfg))
     try:
-        for note in [*notes, *([prep.subset_note] if prep.subset_note else [])]:
-            print(f"note: {note}", file=sys.stderr)
-        for warning in start_warnings(prep):
-            print(f"warning: {warning}", file=sys.stderr)
+        announce(prep, notes)
 
         def wrote(rec) -> None:
             print(f"wrote {prep.cfg.out / rec.jsonl if not Path(rec.jsonl).is_absolute() else rec.jsonl} "

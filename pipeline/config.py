@@ -64,6 +64,8 @@ class SubsetConfig:
     seed: int = 0
 
 
+MAX_CONCURRENCY = 1024  # more requests in flight help no server or rate limit: the CLI caps --concurrency with a note
+
 BATCH_MAX_REQUESTS = 50_000  # OpenAI's limit of lines per batch input file
 BATCH_MAX_BYTES = 199_000_000  # just under OpenAI's 200 MB per input file (base64 images counted)
 

@@ -90,3 +90,10 @@ class ImageError(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name if it says nothing): what a warning or
+    a one-line error quotes of a library's multi-line message."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, InputError
 
 __all__ = [
     "ProviderPreset",
@@ -45,6 +45,7 @@ __all__ = [
     "resolve_api_version",
     "preset_prices",
     "default_model",
+    "model_or_default",
 ]
 
 DEFAULT_PROVIDER = "openai"
@@ -125,6 +126,16 @@ def get_preset(name: str | None) -> ProviderPreset:
 def default_model(name: str | None) -> str | None:
     """The model a provider is asked for when --model is not given (None: it has to be named)."""
     return get_preset(name).default_model
+
+
+def model_or_default(name: str, model: str | None) -> str:
+    """--model, else the provider's default; a provider without one (azure, openrouter) needs --model:
+    one line (exit 2). `run` and `probe` choose the model alike."""
+    chosen = model or default_model(name)
+    if not chosen:
+        raise InputError(f"--provider {name} needs --model: the name of the model "
+                         f"{'deployment ' if name == 'azure' else ''}to ask")
+    return chosen
 
 
 @dataclass(frozen=True)

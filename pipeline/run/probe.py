@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 import anyio
 
-from pipeline.errors import ConfigError, FatalAPIError, InputError, ServerUnreachableError
+from pipeline.errors import FatalAPIError, ServerUnreachableError
 from pipeline.providers.base import APIFailure, ErrorKind
 from pipeline.providers.capabilities import (
     ACCEPTED,
@@ -47,7 +47,7 @@ from pipeline.providers.capabilities import (
 )
 from pipeline.providers.classify import wrong_model
 from pipeline.providers.headers import parse_retry_after
-from pipeline.providers.presets import default_model, get_preset, resolve_api_version, resolve_endpoint, resolve_key
+from pipeline.providers.presets import get_preset, model_or_default, resolve_api_version, resolve_endpoint
 from pipeline.run.outage import DEFAULT_BASE_URL, cannot_reach_message, display_url
 
 MAX_REQUESTS = 40  # the probe never sends more than this, retries included
@@ -90,17 +90,11 @@ class ProbeOptions:
 def probe_options(provider: str, base_url: str | None, model: str | None, api_version: str | None,
                   env: Mapping[str, str], *, timeout: float = 30.0, budget_s: float = 120.0) -> ProbeOptions:
     """The probe's endpoint, model and key, resolved exactly as `run` resolves them (pipeline.providers.presets)."""
-    from pipeline.run.runner import key_problem
+    from pipeline.run.runner import usable_key
 
     endpoint = resolve_endpoint(provider, base_url, env)
-    chosen = model or default_model(provider)
-    if not chosen:
-        raise InputError(f"--provider {provider} needs --model: the name of the model "
-                         f"{'deployment ' if provider == 'azure' else ''}to ask")
-    resolved = resolve_key(provider, env)
-    problem = key_problem(resolved.key)
-    if problem:
-        raise ConfigError(f"{resolved.variable} {problem}: copy the key again (the key itself is not shown)")
+    chosen = model_or_default(provider, model)
+    resolved = usable_key(provider, env)
     return ProbeOptions(endpoint.base_url, chosen, resolved.key, resolved.variable, provider,
                         resolve_api_version(provider, api_version, env), timeout, budget_s)
 

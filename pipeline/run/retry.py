@@ -49,7 +49,7 @@ class Decision:
 
 
 # Kinds after which every further request of the run is pointless.
-_STOP_RUN = frozenset({ErrorKind.AUTH, ErrorKind.PERMISSION, ErrorKind.NOT_FOUND, ErrorKind.QUOTA})
+STOP_RUN = frozenset({ErrorKind.AUTH, ErrorKind.PERMISSION, ErrorKind.NOT_FOUND, ErrorKind.QUOTA})
 # Kinds that can never succeed for this image: retrying only wastes money.
 _NEVER = frozenset({ErrorKind.BAD_REQUEST, ErrorKind.TOO_LARGE})
 # The model answered but the answer is unusable; sampling again sometimes helps, once.
@@ -93,7 +93,7 @@ def decide(
     """
     n = max(1, attempt)
     reason = kind.value
-    if kind in _STOP_RUN:
+    if kind in STOP_RUN:
         return Decision("stop_run", reason=reason)
     if kind is ErrorKind.UNREACHABLE:
         return Decision("wait_outage", reason=reason, pause_pool=True)

@@ -28,14 +28,14 @@ import sys
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from pipeline.data.attributes import AttributeValidationError, field_names, validate_answer
 from pipeline.providers.base import APIFailure, Backend, ErrorKind, ModelReply, ModelRequest
-from pipeline.config import RunConfig
+from pipeline.config import MAX_CONCURRENCY, RunConfig
 from pipeline.errors import ConfigError, FatalAPIError, ImageError, ServerUnreachableError
 from pipeline.data.images import payload_from_bytes, read_bytes
 from pipeline.data.index import LoadedIndex, index_positions, load_index
@@ -61,7 +61,7 @@ from pipeline.records import AttributeRow, CaptionRow, ErrorRow, IndexEntry, Pro
 from pipeline.run.retry import RetryPolicy, decide
 from pipeline.run.stats import RunStats, Snapshot
 from pipeline.providers.tokens import estimate_request
-from pipeline.providers.presets import get_preset, preset_prices, resolve_key
+from pipeline.providers.presets import ResolvedKey, get_preset, preset_prices, resolve_key
 from pipeline.run.control import Controller, signal_handlers, watch_until
 from pipeline.run.outage import DEFAULT_BASE_URL, OutagePolicy, OutageTracker, cannot_reach_message, watch_outages
 from pipeline.run.dispatch import Dispatcher, Job, captions_wanted, plan_jobs, scan_work
@@ -363,10 +363,9 @@ def retry_bad_request(ctx: Context, job: Job, n_sent: int, mode: FormatMode | No
             ctx.dispatcher.add(Job(job.entry, job.prompt, job.indices[1:], job.attempts, job.soft_failures,
                                    format_mode=job.format_mode))
             job.indices = job.indices[:1]
-        job.probe = action.probe
     else:
-        job.probe = action.probe
         job.format_mode = action.mode
+    job.probe = action.probe
     ctx.stats.retry()
     ctx.dispatcher.reschedule(job, 0.0)
     return True
@@ -539,11 +538,6 @@ class AnswerRows:
     repair: tuple[str, str] | None
     unfilled: tuple[int, ...]
 
-    @property
-    def failed(self) -> tuple[int, ...]:
-        """Slots answered with no usable caption: invalid ones first, then unfilled ones."""
-        return tuple(i for i, _, _ in self.bad) + tuple(self.unfilled)
-
 
 def answer_rows(job: Job, prompt_text: str, reply: ModelReply, price: ModelPrice) -> AnswerRows:
     """The rows an answer makes for `job`'s slots, judged by the same rules online and in batch mode
@@ -692,11 +686,17 @@ def resolve_api_key(cfg: RunConfig) -> str | None:
     server needs none). A missing or unusable key is one line naming the variable, never the key."""
     if cfg.model.backend != "openai":
         return None
-    resolved = resolve_key(cfg.model.provider, os.environ, cfg.api_key)
+    return usable_key(cfg.model.provider, os.environ, cfg.api_key).key
+
+
+def usable_key(provider: str | None, env: Mapping[str, str], explicit: str | None = None) -> ResolvedKey:
+    """`presets.resolve_key`, refused in one line naming the variable (never the key) if the key cannot go
+    into an HTTP header (`key_problem`). `run` and `probe` check a key alike."""
+    resolved = resolve_key(provider, env, explicit)
     problem = key_problem(resolved.key)
     if problem:
         raise ConfigError(f"{resolved.variable} {problem}: copy the key again (the key itself is not shown)")
-    return resolved.key
+    return resolved
 
 
 def key_problem(key: str) -> str | None:
@@ -975,12 +975,14 @@ def make_adaptive(cfg: RunConfig) -> AdaptiveLimit:
     return AdaptiveLimit(AdaptivePolicy(ceiling=cfg.limits.concurrency, timeout_s=cfg.model.timeout), enabled=on)
 
 
-MAX_WORKERS = 1024  # beyond this no server or rate limit is helped; the CLI caps --concurrency with a note
-
-
 def worker_count(concurrency: int, items_left: int) -> int:
     """Workers to start: --concurrency, never more than the work items left (at least one)."""
-    return max(1, min(concurrency, MAX_WORKERS, items_left))
+    return max(1, min(concurrency, MAX_CONCURRENCY, items_left))
+
+
+def start_notes(prep: Prepared, notes: Sequence[str] = ()) -> list[str]:
+    """The notes a run (or a dry run) starts with: the caller's, then the subset chosen."""
+    return [*notes, *([prep.subset_note] if prep.subset_note else [])]
 
 
 def start_warnings(prep: Prepared) -> list[str]:
@@ -1066,7 +1068,7 @@ def run(cfg: RunConfig, *, views: ViewFactory | None = None, notes: Sequence[str
 def announce(prep: Prepared, notes: Sequence[str] = ()) -> None:
     """The lines a run starts with, once every check has passed: the caller's notes, the subset chosen,
     then the warnings (unknown price, region, encoding). Online and batch runs say them alike."""
-    for note in [*notes, *([prep.subset_note] if prep.subset_note else [])]:
+    for note in start_notes(prep, notes):
         print(f"note: {note}", file=sys.stderr)
     for warning in start_warnings(prep):
         print(f"warning: {warning}", file=sys.stderr)

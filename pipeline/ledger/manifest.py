@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 from pipeline import __version__
 from pipeline.ledger.costs import Spent
 from pipeline.ledger.outputs import MANIFEST
+from pipeline.ledger.quarantine import replace_retrying
 
 
 def now_iso() -> str:
@@ -36,14 +36,7 @@ def write_manifest(out_dir: Path, data: dict[str, Any]) -> None:
     path = Path(out_dir) / MANIFEST
     tmp = path.with_name(MANIFEST + f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    for attempt in range(5):
-        try:
-            os.replace(tmp, path)
-            return
-        except PermissionError:  # Windows: a reader (status, an editor, antivirus) holds the file a moment
-            if attempt == 4:
-                raise
-            time.sleep(0.05 * (attempt + 1))
+    replace_retrying(tmp, path)
 
 
 def base_manifest(previous: dict[str, Any] | None) -> dict[str, Any]:

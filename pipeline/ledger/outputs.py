@@ -38,6 +38,7 @@ CAPTIONS_REPLACED = "captions_replaced.csv"  # rows moved out by `run --redo` (p
 MANIFEST = "manifest.json"
 PART_PATTERN = "captions_part_{:0{digits}d}.csv"
 PART_GLOB = "captions_part_*.csv"
+PART_PREFIX = "captions_part_"
 PART_DIGITS = 4  # captions_part_0000.csv: the width while a folder has at most 10,000 parts
 
 # The first four are the names and order existing scripts expect; the rest may grow at the end only.

@@ -25,38 +25,38 @@ import os
 from pathlib import Path
 
 from pipeline.ledger.donesnap import edge_hashes
-from pipeline.ledger.outputs import CAPTIONS_ALL, PART_GLOB
-
-_PREFIX = PART_GLOB.split("*")[0]  # captions_part_
+from pipeline.ledger.outputs import CAPTIONS_ALL, PART_PREFIX
 
 STATE_FILE = ".parts_state.json"
 VERSION = 2  # 2: captions_all.csv's edges (hashes of its first and last 64 KiB, inode) recorded
 
 
-def _stat(path: Path) -> list[int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns]
+def edges(path: Path, size: int, ino: int) -> list:
+    """The record's "edges" of captions_all.csv at `path`: the hashes of its first `size` bytes' first and
+    last 64 KiB (`pipeline.ledger.donesnap.edge_hashes`), then its inode. Raises OSError."""
+    return [*edge_hashes(path, size), ino]
 
 
-def _snapshot(out_dir: Path, batch_size: int, digits: int, index_key: str) -> dict | None:
-    main = _stat(out_dir / CAPTIONS_ALL)
-    if main is None:
-        return None
-    try:
-        edges = [*edge_hashes(out_dir / CAPTIONS_ALL, main[0]), (out_dir / CAPTIONS_ALL).stat().st_ino]
-    except OSError:
-        return None
+def part_stats(out_dir: Path) -> dict[str, list[int]]:
+    """Each part file's [size, mtime_ns], by name: one `stat` per part, as the record holds them."""
     parts: dict[str, list[int]] = {}
     with os.scandir(out_dir) as it:
         for entry in it:
-            if entry.name.startswith(_PREFIX) and entry.name.endswith(".csv") and entry.is_file():
+            if entry.name.startswith(PART_PREFIX) and entry.name.endswith(".csv") and entry.is_file():
                 st = entry.stat()
                 parts[entry.name] = [st.st_size, st.st_mtime_ns]
+    return parts
+
+
+def _snapshot(out_dir: Path, batch_size: int, digits: int, index_key: str) -> dict | None:
+    path = out_dir / CAPTIONS_ALL
+    try:
+        st = path.stat()
+        main_edges = edges(path, st.st_size, st.st_ino)
+    except OSError:
+        return None
     return {"version": VERSION, "batch_size": batch_size, "digits": digits, "index": index_key,
-            CAPTIONS_ALL: main, "edges": edges, "parts": parts}
+            CAPTIONS_ALL: [st.st_size, st.st_mtime_ns], "edges": main_edges, "parts": part_stats(out_dir)}
 
 
 def record(out_dir: Path, *, batch_size: int, digits: int, index_key: str | None) -> None:
@@ -96,9 +96,11 @@ def in_step(out_dir: Path, *, batch_size: int, digits: int, index_key: str | Non
     part width and index. Never raises."""
     if not index_key:
         return False
-    try:
-        saved = json.loads((Path(out_dir) / STATE_FILE).read_text(encoding="utf-8"))
-        now = _snapshot(Path(out_dir), batch_size, digits, index_key)
-    except (OSError, ValueError):
+    rec = saved(out_dir)
+    if rec is None:
         return False
-    return now is not None and saved == now
+    try:
+        now = _snapshot(Path(out_dir), batch_size, digits, index_key)
+    except OSError:
+        return False
+    return now is not None and rec == now

@@ -72,13 +72,19 @@ def replace_atomic(path: Path, chunks: Iterable[bytes | memoryview]) -> None:
                 fh.write(chunk)
             fh.flush()
             os.fsync(fh.fileno())
-        for attempt in range(5):
-            try:
-                os.replace(tmp, path)
-                return
-            except PermissionError:  # Windows: a reader (an editor, antivirus) holds the file a moment
-                if attempt == 4:
-                    raise
-                time.sleep(0.05 * (attempt + 1))
+        replace_retrying(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def replace_retrying(tmp: Path, path: Path) -> None:
+    """`os.replace(tmp, path)`, tried again a few times on PermissionError: on Windows a reader (status,
+    an editor, antivirus) holds the file a moment."""
+    for attempt in range(5):
+        try:
+            os.replace(tmp, path)
+            return
+        except PermissionError:
+            if attempt == 4:
+                raise
+            time.sleep(0.05 * (attempt + 1))

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from array import array
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -67,6 +66,7 @@ from pipeline.ledger.outputs import (
     ERROR_COLUMNS,
     ERRORS,
     PART_GLOB,
+    PART_PREFIX,
     ENCODING_READ,
     CaptionTally,
     Table,
@@ -81,7 +81,6 @@ from pipeline.ledger.outputs import (
 Row = dict[str, str]
 Key = tuple[str, str, int]
 MAX_PART_NOTES = 5  # more part files changed than this: one summary line instead of one line each
-PART_PREFIX = "captions_part_"
 # image_id -> index position: a mapping, or a function making it (called only when parts must be planned)
 Positions = Union[Mapping[str, int], Callable[[], Mapping[str, int]]]
 
@@ -335,11 +334,7 @@ def _stream_captions(
     changes: list[str] = []
     for k in sorted(rebuild):
         name = part_name(k * batch_size, batch_size, digits)
-        path = out_dir / name
-        try:
-            write_csv_atomic(path, CAPTION_COLUMNS, plan.get(k, []), bom=bom_for(path, bom))
-        except OSError as exc:
-            raise OutputError(f"cannot rewrite {path}: {exc.strerror or exc}") from None
+        _rewrite(out_dir / name, CAPTION_COLUMNS, plan.get(k, []), bom)
         changes.append(f"{name}: rebuilt from {CAPTIONS_ALL} ({len(differ.get(name, [])):,} -> {len(plan.get(k, [])):,} rows)")
     for name in sorted(differ):
         k = int(name.removeprefix(PART_PREFIX).removesuffix(".csv"))
@@ -350,9 +345,7 @@ def _stream_captions(
         except OSError as exc:
             raise OutputError(f"cannot remove {out_dir / name}: {exc.strerror or exc}") from None
         changes.append(f"{name}: removed (no row of {CAPTIONS_ALL} belongs to it now)")
-    if len(changes) > MAX_PART_NOTES:
-        changes = [f"part files: {len(changes)} rebuilt or removed to match {CAPTIONS_ALL}"]
-    notes += changes
+    notes += _part_notes(changes)
     partstate.record(out_dir, batch_size=batch_size, digits=digits, index_key=index_key)
     return tally
 
@@ -380,7 +373,7 @@ def _since_record(
     try:
         size = int(rec[CAPTIONS_ALL][0])
         st = path.stat()
-        if st.st_size < size or [*donesnap.edge_hashes(path, size), st.st_ino] != rec.get("edges"):
+        if st.st_size < size or partstate.edges(path, size, st.st_ino) != rec.get("edges"):
             return None
         old_parts: dict[str, list[int]] = rec["parts"]  # name -> [size, mtime_ns], as recorded
         if not isinstance(old_parts, dict):
@@ -404,12 +397,7 @@ def _since_record(
     if st.st_size > size and tally_clean_captions(path, start=size, into=CaptionTally(), each=each) is None:
         return None
     valid = csvscan.Validator(CAPTION_COLUMNS, csvscan.COLUMN_PATTERNS)
-    now: dict[str, list[int]] = {}
-    with os.scandir(out_dir) as it:
-        for entry in it:
-            if entry.name.startswith(PART_PREFIX) and entry.name.endswith(".csv") and entry.is_file():
-                est = entry.stat()
-                now[entry.name] = [est.st_size, est.st_mtime_ns]
+    now = partstate.part_stats(out_dir)
     if set(old_parts) - set(now):
         return None  # a part deleted: the whole check
     rebuild: dict[int, list[list[str]]] = {}  # part number -> its rows as they are (the new ones follow)
@@ -458,15 +446,9 @@ def _since_record(
         for k in sorted(rebuild):
             name = part_name(k * batch_size, batch_size, digits)
             want = rebuild[k] + new_rows.get(k, [])
-            target = out_dir / name
-            try:
-                write_csv_atomic(target, CAPTION_COLUMNS, want, bom=bom_for(target, bom))
-            except OSError as exc:
-                raise OutputError(f"cannot rewrite {target}: {exc.strerror or exc}") from None
+            _rewrite(out_dir / name, CAPTION_COLUMNS, want, bom)
             changes.append(f"{name}: rebuilt from {CAPTIONS_ALL} ({held[k]:,} -> {len(want):,} rows)")
-        if len(changes) > MAX_PART_NOTES:
-            changes = [f"part files: {len(changes)} rebuilt or removed to match {CAPTIONS_ALL}"]
-        notes += changes
+        notes += _part_notes(changes)
     partstate.record(out_dir, batch_size=batch_size, digits=digits, index_key=index_key)
     return tally
 
@@ -478,16 +460,24 @@ def _clean_part(path: Path, start: int, valid: csvscan.Validator) -> list[list[s
         with open(path, "rb") as fh:
             fh.seek(start)
             data = fh.read()
-        if start == 0 and not data:
-            return []
-        if data and not data.endswith(b"\n"):
-            return None
+    except OSError:
+        return None
+    return _clean_records(data, start, valid)
+
+
+def _clean_records(data: bytes, start: int, valid: csvscan.Validator) -> list[list[str]] | None:
+    """The records in a part's bytes from `start` on (`_clean_part`), if clean and whole; else None."""
+    if start == 0 and not data:
+        return []
+    if data and not data.endswith(b"\n"):
+        return None
+    try:
         reader = csv.reader(io.StringIO(data.decode(ENCODING_READ if start == 0 else "utf-8"), newline=""),
                             strict=True)
         if start == 0 and next(reader, None) != CAPTION_COLUMNS:
             return None
         recs = [r for r in reader if r]
-    except (OSError, csv.Error, UnicodeDecodeError):
+    except (csv.Error, UnicodeDecodeError):
         return None
     return recs if all(valid(r) for r in recs) else None
 
@@ -511,15 +501,9 @@ def _part_records(path: Path, valid: csvscan.Validator, notes: list[str]) -> lis
         data = path.read_bytes()
     except OSError as exc:
         raise OutputError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if data.endswith(b"\n"):
-        try:
-            reader = csv.reader(io.StringIO(data.decode(ENCODING_READ), newline=""), strict=True)
-            if next(reader, None) == CAPTION_COLUMNS:
-                recs = [rec for rec in reader if rec]
-                if all(valid(rec) for rec in recs):
-                    return recs
-        except (csv.Error, UnicodeDecodeError):
-            pass
+    recs = _clean_records(data, 0, valid)
+    if recs is not None:
+        return recs
     part = _repair(path, notes, "the part is rebuilt from captions_all.csv")
     if part is None:
         return []
@@ -606,19 +590,26 @@ def _migrate(path: Path, table: Table, columns: list[str], notes: list[str]) -> 
         raise OutputError(f"{path}: {exc}") from None
     if added is None:
         return table
-    _rewrite(path, columns, table.rows)
+    _rewrite(path, columns, ([d.get(c, "") for c in columns] for d in table.rows))
     what = f"added {', '.join(added)}" if added else "columns reordered"
     notes.append(f"{path.name}: rewritten with the current columns ({what}; {len(table.rows):,} rows kept)")
     return Table(columns, table.rows)
 
 
-def _rewrite(path: Path, columns: list[str], rows: list[Row]) -> None:
-    """A migration: the file keeps its own BOM-or-not (it has bytes: it has a header)."""
+def _rewrite(path: Path, columns: list[str], records: Iterable[list[str]], bom: bool = False) -> None:
+    """Write `path` anew with `records` (in `columns` order): a file keeps its own BOM-or-not (a migrated
+    one has bytes: it has a header), a new one gets the folder's (`bom`)."""
     try:
-        bom = bom_for(path, False)
-        write_csv_atomic(path, columns, ([d.get(c, "") for c in columns] for d in rows), bom=bom)
+        write_csv_atomic(path, columns, records, bom=bom_for(path, bom))
     except OSError as exc:
         raise OutputError(f"cannot rewrite {path}: {exc.strerror or exc}") from None
+
+
+def _part_notes(changes: list[str]) -> list[str]:
+    """The notes for part files rebuilt or removed: one each, or one summary line for many."""
+    if len(changes) > MAX_PART_NOTES:
+        return [f"part files: {len(changes)} rebuilt or removed to match {CAPTIONS_ALL}"]
+    return changes
 
 
 def _restore(
@@ -665,12 +656,7 @@ def _reconcile_parts(
         have = parts.get(name)
         if have is not None and same_rows(have, want):
             continue
-        path = out_dir / name
-        try:
-            records = ([d.get(c, "") for c in CAPTION_COLUMNS] for d in want)
-            write_csv_atomic(path, CAPTION_COLUMNS, records, bom=bom_for(path, bom))
-        except OSError as exc:
-            raise OutputError(f"cannot rewrite {path}: {exc.strerror or exc}") from None
+        _rewrite(out_dir / name, CAPTION_COLUMNS, ([d.get(c, "") for c in CAPTION_COLUMNS] for d in want), bom)
         changes.append(f"{name}: rebuilt from {CAPTIONS_ALL} ({len(have or []):,} -> {len(want):,} rows)")
     for name in sorted(set(parts) - set(plan)):
         path = out_dir / name
@@ -687,6 +673,4 @@ def _reconcile_parts(
     if part_number_widths(parts) - {digits}:
         return [f"part files renamed to {digits}-digit numbers ({part_name(0, batch_size, digits)}, ...) so they "
                 f"still sort: the index now needs {last_position_of(positions) // batch_size + 1:,} parts"]
-    if len(changes) > MAX_PART_NOTES:
-        return [f"part files: {len(changes)} rebuilt or removed to match {CAPTIONS_ALL}"]
-    return changes
+    return _part_notes(changes)

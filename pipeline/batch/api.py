@@ -24,6 +24,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 import anyio
 import openai
 
+from pipeline.batch.lines import BATCH_URL
 from pipeline.providers.base import APIFailure, ErrorKind
 from pipeline.providers.openai import failure_from_sdk
 from pipeline.run.retry import RetryPolicy, backoff_s
@@ -35,7 +36,6 @@ except ImportError:  # pragma: no cover - older SDKs
 
 T = TypeVar("T")
 
-ENDPOINT = "/v1/chat/completions"
 COMPLETION_WINDOW = "24h"
 TOKEN_LIMIT_CODE = "token_limit_exceeded"
 ENDED_STATES = frozenset({"completed", "failed", "expired", "cancelled"})
@@ -143,7 +143,7 @@ class BatchAPI:
         the batch, and a second one would be paid too; the caller lists the batches (by `metadata`)
         before it creates again (`pipeline.batch.flow`)."""
         return batch_info(_dump(await self._call(lambda: self.client.batches.create(
-            input_file_id=input_file_id, endpoint=ENDPOINT, completion_window=COMPLETION_WINDOW,
+            input_file_id=input_file_id, endpoint=BATCH_URL, completion_window=COMPLETION_WINDOW,
             metadata=metadata), retry=False)))
 
     async def retrieve(self, batch_id: str) -> BatchInfo:

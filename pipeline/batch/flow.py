@@ -59,14 +59,13 @@ from pipeline.run.keeper import ManifestKeeper
 from pipeline.run.runner import (
     SOFT_KINDS, Prepared, RunResult, describe_run, error_rows, final_state, make_backend, prepare, announce,
 )
-from pipeline.run.retry import backoff_s
+from pipeline.run.retry import STOP_RUN, backoff_s
 from pipeline.run.stats import RunStats
 
 ANSWER_FILES = frozenset({CAPTIONS_ALL, ERRORS, ATTRIBUTES})  # the record of what is done (parts are copies)
 POLL_FIRST_S = 1.0
 POLL_FACTOR = 1.5
 CLOCK_SKEW_S = 3600.0  # the provider's clock and ours may differ: batches this much older are still looked at
-FATAL_KINDS = frozenset({ErrorKind.AUTH, ErrorKind.PERMISSION, ErrorKind.QUOTA, ErrorKind.NOT_FOUND})
 SOFT_RETRIED = frozenset(retried_reason(k.value) for k in SOFT_KINDS)  # errors.csv: "one more try" was used
 
 
@@ -134,7 +133,7 @@ def fatal_for(failure: APIFailure, where: str) -> FatalAPIError | None:
     """The one-line stop for a Batch API failure that no retry can fix (key, quota, no such endpoint)."""
     if failure.kind is ErrorKind.UNREACHABLE:
         return ServerUnreachableError(f"cannot reach {where}: {failure.message}")
-    if failure.kind in FATAL_KINDS:
+    if failure.kind in STOP_RUN:
         if failure.kind is ErrorKind.NOT_FOUND:
             return FatalAPIError(f"{where} answered {failure.message}: does the server offer the Batch API "
                                  "(/v1/files, /v1/batches)?")
@@ -430,10 +429,7 @@ class BatchFlow:
     def _split_done(self, rec: ShardRecord) -> bool:
         """A waiting shard refused while alone has been split: its lines are in newer shards."""
         mine = set(self.ledger.read_ids(rec))
-        held = set()
-        for other in self.ledger.outstanding():
-            if other.shard_id != rec.shard_id:
-                held.update(self.ledger.read_ids(other))
+        held = set(self._ids_elsewhere(rec.shard_id))
         if mine and mine <= held:
             self.ledger.update(rec.shard_id, state="collected")
             return True
@@ -507,7 +503,7 @@ class BatchFlow:
         again: list[ShardRecord] = []
         if retry and self.replan:
             again = self._write(retry, round_=rec.round + 1)
-            await self.write_rows(self._take_pending())
+            await self.write_pending()
         self.ledger.update(rec.shard_id, state="collected")
         slots = sum(len(j.indices) for j in retry)
         next_round = (f", {slots:,} to try again in {', '.join(r.shard_id for r in again)} (round {rec.round + 1})"
@@ -622,9 +618,10 @@ class BatchFlow:
                 self._soft.setdefault(key[:3], set()).add(run_id)
         return found
 
-    def _take_pending(self) -> list[Result]:
+    async def write_pending(self) -> None:
+        """The errors.csv rows of planning held so far (`_sunk`), written now."""
         rows, self._pending_rows = self._pending_rows, []
-        return rows
+        await self.write_rows(rows)
 
     async def write_rows(self, rows: list[Result]) -> None:
         """Through the folder's writer; a file that cannot be written stops the command (nothing lost:
@@ -682,6 +679,10 @@ class BatchFlow:
         return cancelled
 
     # --- API calls --------------------------------------------------------------------------------
+    async def check(self) -> None:
+        """`BatchAPI.check`: key and endpoints, before any image is read (a failure stops the run)."""
+        await self._api(self.api.check())
+
     def _stop_for(self, failure: APIFailure) -> FatalAPIError:
         """A Batch API call that failed for good (after `BatchAPI`'s retries): the run stops (exit 3)."""
         return fatal_for(failure, self.where) or FatalAPIError(f"{self.where}: {failure.message}")
@@ -690,7 +691,7 @@ class BatchFlow:
         try:
             return await call
         except APIFailure as failure:
-            if raise_token_limit and failure.code == "token_limit_exceeded":
+            if raise_token_limit and failure.code == TOKEN_LIMIT_CODE:
                 raise
             raise self._stop_for(failure) from None
 
@@ -790,7 +791,7 @@ async def _with_flow(prep: Prepared, body, *, install_signals: bool = True,
             started = True
             with scope:
                 await body(flow)
-            await flow.write_rows(flow._take_pending())
+            await flow.write_pending()
         state = final_state(controller)
         if mode == "batch" and state == "finished" and any(r.state in ("submitted", "uploaded", "waiting", "planned")
                                        for r in flow.ledger.outstanding()):
@@ -828,9 +829,9 @@ async def _with_flow(prep: Prepared, body, *, install_signals: bool = True,
 async def run_prepared_batch(prep: Prepared, *, install_signals: bool = True,
                              out: Callable[[str], None] = print) -> RunResult:
     async def body(flow: BatchFlow) -> None:
-        await flow._api(flow.api.check())  # key and endpoints, before any image is read
+        await flow.check()  # key and endpoints, before any image is read
         await flow.plan_new()
-        await flow.write_rows(flow._take_pending())
+        await flow.write_pending()
         await flow.drive()
 
     return await _with_flow(prep, body, install_signals=install_signals, out=out)

@@ -110,17 +110,24 @@ class ShardPacker:
         return "new"
 
 
-def plan_shards(lines: Iterable[L], limits: ShardLimits,
-                too_large: Callable[[L, str], None]) -> Iterator[list[L]]:
-    """Group `lines` into shards that keep every limit, in order; a line too large for any shard goes to
-    `too_large(line, why)`. Holds one shard's lines (use `write_shards` to stream to disk)."""
+def placed(lines: Iterable[L], limits: ShardLimits, too_large: Callable[[L, str], None]) -> Iterator[tuple[str, L]]:
+    """(`ShardPacker.place`'s "same" or "new", line) for each line in order; a line too large for any
+    shard goes to `too_large(line, why)` instead (the one loop the planners below share)."""
     packer = ShardPacker(limits)
-    shard: list[L] = []
     for line in lines:
         where = packer.place(line.nbytes, line.est_input_tokens)
         if where == "too_large":
             too_large(line, limits.too_large(line.nbytes, line.est_input_tokens) or TOO_LARGE)
             continue
+        yield where, line
+
+
+def plan_shards(lines: Iterable[L], limits: ShardLimits,
+                too_large: Callable[[L, str], None]) -> Iterator[list[L]]:
+    """Group `lines` into shards that keep every limit, in order; a line too large for any shard goes to
+    `too_large(line, why)`. Holds one shard's lines (use `write_shards` to stream to disk)."""
+    shard: list[L] = []
+    for where, line in placed(lines, limits, too_large):
         if where == "new":
             yield shard
             shard = []
@@ -153,13 +160,8 @@ class ShardSummary:
 def summarize_shards(lines: Iterable[BatchLine], limits: ShardLimits, too_large: Callable[[BatchLine, str], None],
                      price: ModelPrice | None = None) -> Iterator[ShardSummary]:
     """The shards `write_shards` would write, as counts only (nothing kept, nothing written)."""
-    packer = ShardPacker(limits)
     current: ShardSummary | None = None
-    for line in lines:
-        where = packer.place(line.nbytes, line.est_input_tokens)
-        if where == "too_large":
-            too_large(line, limits.too_large(line.nbytes, line.est_input_tokens) or TOO_LARGE)
-            continue
+    for where, line in placed(lines, limits, too_large):
         if where == "new" and current is not None:
             yield current
             current = None
@@ -235,7 +237,6 @@ def write_shards(ledger: BatchLedger, lines: Iterable[BatchLine], limits: ShardL
     ids_dir.mkdir(parents=True, exist_ok=True)
     jsonl_dir.mkdir(parents=True, exist_ok=True)
     remove_partial_files(ids_dir, jsonl_dir)
-    packer = ShardPacker(limits)
     current: _OpenShard | None = None
 
     def finish(shard: _OpenShard) -> ShardRecord:
@@ -246,11 +247,7 @@ def write_shards(ledger: BatchLedger, lines: Iterable[BatchLine], limits: ShardL
                                 est_input_tokens=s.est_input_tokens, est_cost_usd=s.est_cost_usd, state=state)
 
     try:
-        for line in lines:
-            where = packer.place(line.nbytes, line.est_input_tokens)
-            if where == "too_large":
-                too_large(line, limits.too_large(line.nbytes, line.est_input_tokens) or TOO_LARGE)
-                continue
+        for where, line in placed(lines, limits, too_large):
             if where == "new" and current is not None:
                 shard, current = current, None
                 yield finish(shard)

@@ -221,6 +221,13 @@ def measured_output_tokens(out_dir: Path, done: DoneRead | None = None) -> tuple
     return DEFAULT_OUTPUT_TOKENS, f"default (fewer than {MIN_ROWS_TO_MEASURE} captions to measure)"
 
 
+def expected_output(out_dir: Path, done: DoneRead | None) -> tuple[int, str]:
+    """`measured_output_tokens` of a folder already read (`done`), else the default (nothing to measure)."""
+    if done is None:
+        return DEFAULT_OUTPUT_TOKENS, f"default (no {CAPTIONS_ALL} yet)"
+    return measured_output_tokens(out_dir, done)
+
+
 def reservoir_sample(items: Iterable[T], k: int, seed: int = 0) -> tuple[list[T], int]:
     """A uniform random sample of at most k items in one pass (Algorithm R), and how many items there were.
 
@@ -282,8 +289,7 @@ def build_estimate(
         done = read_done(out_dir)
     done_keys = done.keys if done is not None else set()
     total, items_done = count_work(list(entries), list(prompts), captions_per_image, done_keys)
-    expected, source = measured_output_tokens(out_dir, done) if done is not None else (
-        DEFAULT_OUTPUT_TOKENS, f"default (no {CAPTIONS_ALL} yet)")
+    expected, source = expected_output(out_dir, done)
     jobs: Iterator = plan_jobs(list(entries), list(prompts), captions_per_image, done_keys)
     if n_verdict is not None:
         jobs = one_per_caption(jobs)
@@ -529,9 +535,8 @@ def render_batch_preview(plan: Any, prep: Any, console: Console) -> None:
     tokens) and the cost at the batch price beside the online price (`pipeline.batch.work.preview`)."""
     online = prep.price
     batch = online.batch()
-    expected, source = measured_output_tokens(Path(prep.cfg.out), prep.resume.read) \
-        if Path(prep.cfg.out).is_dir() and prep.resume.read is not None else (
-            DEFAULT_OUTPUT_TOKENS, f"default (no {CAPTIONS_ALL} yet)")
+    out = Path(prep.cfg.out)
+    expected, source = expected_output(out, prep.resume.read if out.is_dir() else None)
     shards = plan.shards
     input_tokens = sum(s.est_input_tokens for _, s in shards)
     costs = batch_costs(input_tokens, plan.captions, sum(s.est_cost_usd for _, s in shards), online, batch,

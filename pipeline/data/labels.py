@@ -29,7 +29,7 @@ from dataclasses import fields as dc_fields
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, first_line
 
 # --- the shared vocabulary -------------------------------------------------------------------------------
 # Mentions lives here, below the views, because labels are expressed in it and `pipeline.data` never
@@ -197,7 +197,7 @@ def load_attribute_labels(path: Path) -> AttributeLabels:
     except OSError as exc:
         raise InputError(f"cannot read attribute file {path}: {exc.strerror or exc}") from None
     except Exception as exc:  # scipy raises ValueError, TypeError, MatReadError... on a bad file
-        raise InputError(f"{path} is not a MATLAB attribute file ({_one_line(exc)})") from None
+        raise InputError(f"{path} is not a MATLAB attribute file ({first_line(exc)})") from None
     return labels_from_mat(data, source=str(path))
 
 
@@ -234,11 +234,6 @@ def labels_from_mat(data: dict[str, Any], source: str = "") -> AttributeLabels:
     if layout is None or not persons:
         raise InputError(f"{where} labels no person")
     return AttributeLabels(layout=layout, persons=persons, splits=splits, source=source)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _field_names(value: Any) -> tuple[str, ...]:

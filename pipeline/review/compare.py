@@ -44,9 +44,10 @@ from typing import Any, Callable, Iterable, Sequence
 
 from pipeline.errors import InputError, OutputError
 from pipeline.export import tokenize
+from pipeline.providers.base import ErrorKind
 from pipeline.review.retrieval import DISTRACTOR_PIDS, JUNK_PIDS, RetrievalScores
 
-REFUSAL_REASONS = frozenset({"refused", "empty"})
+REFUSAL_REASONS = frozenset({ErrorKind.REFUSED.value, ErrorKind.EMPTY.value})  # errors.csv reasons
 # Attributes of a person that do not change between cameras (items carried may be hidden from one side).
 CONSISTENCY_FIELDS: tuple[str, ...] = ("upper_colour", "lower_colour", "gender", "hair", "sleeve",
                                        "lower_length", "lower_type")
@@ -294,13 +295,13 @@ def score_group(group: Group, images: set[str], labels: Any | None = None) -> Sc
                    images=len({s[0] for s in slots}), slots=len(slots), answers=len(answers))
 
     # cost and tokens: every billed answer of these images, errors included
-    costs = [i.cost_usd for i in group.items if i.image_id in images] + [e.cost_usd for e in errors]
+    billed = [i for i in group.items if i.image_id in images]
+    costs = [i.cost_usd for i in billed] + [e.cost_usd for e in errors]
     row.cost_usd = None if any(c is None for c in costs) else float(sum(costs))
     if row.images:
         if row.cost_usd is not None:
             row.cost_per_image = row.cost_usd / row.images
             row.cost_per_1000 = row.cost_per_image * 1000
-        billed = [i for i in group.items if i.image_id in images]
         row.prompt_tokens_per_image = sum(i.prompt_tokens for i in billed) / row.images
         row.completion_tokens_per_image = sum(i.completion_tokens for i in billed) / row.images
 

@@ -152,17 +152,13 @@ def load_items(out_dir: Path, prompts: Sequence[str] | None = None) -> tuple[lis
     A slot written twice (a rerun, a redo) keeps its last usable row, else its last row, as the export
     does. errors.csv rows are kept only for slots with no answer (a later success supersedes them), the
     last per slot. Reading goes through the package's CSV reader (the `csv` module, BOM or not, torn
-    tails and damaged rows skipped, nothing on disk changed). `prompts` naming a prompt the folder has
-    never seen is bad input (a typo would otherwise show an empty page).
+    tails and damaged rows skipped, nothing on disk changed). `prompts`: only theirs (`only_prompts`).
     """
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise InputError(f"output folder {out_dir} does not exist")
-    wanted = set(prompts) if prompts else None
     items: dict[Key, CaptionItem] = {}
     for row in read_captions(out_dir):
-        if wanted is not None and row.prompt_name not in wanted:
-            continue
         kind = caption_kind(row.caption)
         fields = _json_fields(row.caption) if kind == "structured" else None
         person, camera = person_and_camera(row.image_id)
@@ -179,8 +175,6 @@ def load_items(out_dir: Path, prompts: Sequence[str] | None = None) -> tuple[lis
     meta = set(ATTRIBUTE_ROW_COLUMNS)
     for d in read_attributes(out_dir):
         prompt_name = d.get("prompt_name") or ""
-        if wanted is not None and prompt_name not in wanted:
-            continue
         image_id = d.get("image_id") or ""
         fields = {k: v for k, v in d.items() if k not in meta and k is not None}
         person, camera = person_and_camera(image_id)
@@ -194,19 +188,25 @@ def load_items(out_dir: Path, prompts: Sequence[str] | None = None) -> tuple[lis
         items[item.key] = item
     errors: dict[Key, ErrorItem] = {}
     for e in read_errors(out_dir):
-        if (wanted is not None and e.prompt_name not in wanted) or e.key in items:
+        if e.key in items:
             continue
         errors[e.key] = ErrorItem(e.image_id, e.prompt_name, e.caption_index, e.reason, e.detail, e.cost_usd)
-    if wanted is not None:
-        seen = {k[1] for k in items} | {k[1] for k in errors}
-        missing = sorted(wanted - seen)
-        if missing:
-            known = sorted({row.prompt_name for row in read_captions(out_dir)}
-                           | {d.get("prompt_name") or "" for d in read_attributes(out_dir)})
-            raise InputError(f"no answers for prompt {', '.join(map(repr, missing))} in {out_dir} "
-                             f"(it has: {', '.join(known) or 'none'})")
     order = sorted(items.values(), key=lambda i: (i.image_id, i.prompt_name, i.caption_index))
-    return order, sorted(errors.values(), key=lambda e: (e.image_id, e.prompt_name, e.caption_index))
+    errs = sorted(errors.values(), key=lambda e: (e.image_id, e.prompt_name, e.caption_index))
+    return only_prompts(order, errs, prompts, out_dir) if prompts else (order, errs)
+
+
+def only_prompts(items: Sequence[CaptionItem], errors: Sequence[ErrorItem], prompts: Sequence[str],
+                 out_dir: Path) -> tuple[list[CaptionItem], list[ErrorItem]]:
+    """The items and errors of `prompts` only. A prompt with neither an answer nor an error in the
+    folder is bad input (a typo would otherwise show an empty page)."""
+    wanted = set(prompts)
+    known = {it.prompt_name for it in items} | {e.prompt_name for e in errors}
+    missing = sorted(wanted - known)
+    if missing:
+        raise InputError(f"no answers for prompt {', '.join(map(repr, missing))} in {out_dir} "
+                         f"(it has: {', '.join(sorted(known)) or 'none'})")
+    return [it for it in items if it.prompt_name in wanted], [e for e in errors if e.prompt_name in wanted]
 
 
 def _json_fields(text: str) -> dict[str, str] | None:
@@ -235,16 +235,10 @@ def _cost(text: str | None) -> float | None:
 
 # --- what each item states ------------------------------------------------------------------------------
 
-def item_mentions(item: CaptionItem) -> Mentions:
-    """What a caption or a structured answer states (`pipeline.review.wording`)."""
-    if item.kind == "attributes" and item.fields is not None:
-        return mentions_from_fields(item.fields)
-    return mentions(item.text)
-
-
 def mentions_by_key(items: Iterable[CaptionItem]) -> dict[Key, Mentions]:
-    """`item_mentions` of every item, each distinct caption text read once (templated prompts and
-    repeated answers are common, and reading words is the slow part of flagging)."""
+    """What each caption or structured answer states (`pipeline.review.wording`), each distinct caption
+    text read once (templated prompts and repeated answers are common, and reading words is the slow
+    part of flagging)."""
     seen: dict[str, Mentions] = {}
     out: dict[Key, Mentions] = {}
     for item in items:

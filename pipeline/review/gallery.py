@@ -48,6 +48,7 @@ from pipeline.review.flags import (
     compute_flags,
     is_junk_name,
     load_items,
+    only_prompts,
 )
 
 CHUNK_IMAGES = 200  # images per data/chunk_NNNNN.js: ~100 KB of captions, parsed in a few ms
@@ -523,14 +524,7 @@ def build_gallery(out_dir: Path, to: Path | None = None, prompts: Sequence[str] 
     items, errors = load_items(out_dir)
     flags = compute_flags(items, labels)
     if prompts:
-        wanted = set(prompts)
-        known = {it.prompt_name for it in items} | {e.prompt_name for e in errors}
-        missing = sorted(wanted - known)
-        if missing:
-            raise InputError(f"no answers for prompt {', '.join(map(repr, missing))} in {out_dir} "
-                             f"(it has: {', '.join(sorted(known)) or 'none'})")
-        items = [it for it in items if it.prompt_name in wanted]
-        errors = [e for e in errors if e.prompt_name in wanted]
+        items, errors = only_prompts(items, errors, prompts, out_dir)
     if not items and not errors:
         raise InputError(f"nothing to show: no captions, attributes or errors in {out_dir}")
     warnings: list[str] = []

@@ -24,7 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pipeline.review.dashboard import fmt_int, fmt_spent, percent, reasons_text
-from pipeline.errors import InputError, ReidPromptError
+from pipeline.errors import InputError, ReidPromptError, first_line
 from pipeline.ledger.costs import Spent, open_failures
 from pipeline.ledger.lock import pid_alive
 from pipeline.ledger.manifest import read_manifest
@@ -181,7 +181,7 @@ def batch_rows(out_dir: Path, now: datetime, warnings: list[str]) -> list[dict[s
     try:
         ledger = BatchLedger.load(out_dir)
     except ReidPromptError as exc:
-        warnings.append(_one_line(exc))
+        warnings.append(first_line(exc))
         return []
     found = []
     for rec in ledger.shards:
@@ -251,14 +251,9 @@ def _index_images(manifest: dict[str, Any], out_dir: Path, warnings: list[str]) 
 
         loaded = load_index(_resolve_index_path(raw, out_dir), follow_symlinks=True, require_files=False)
     except (ReidPromptError, OSError, ValueError, ImportError) as exc:
-        warnings.append(f"index {raw} not readable ({_one_line(exc)}); totals from {MANIFEST}")
+        warnings.append(f"index {raw} not readable ({first_line(exc)}); totals from {MANIFEST}")
         return None
     return len(loaded.entries)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _totals(manifest: dict[str, Any] | None, out_dir: Path, warnings: list[str]) -> tuple[int | None, int | None, str]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import prepare_index, rows
+from test_run import run_args as online_args
 from pipeline.batch.ledger import BatchLedger
 from pipeline.providers.pricing import load_run_pricing, resolve_price
 from pipeline.testing.loopback import LoopbackServer, expected_caption
@@ -34,8 +35,8 @@ def bserver():
 
 
 def run_args(index: Path, out: Path, prompt: Path, server, *extra: object) -> list[object]:
-    return ["run", "--index", index, "--out", out, "--prompt-file", prompt, "--base-url", server.base_url,
-            "--no-dashboard", "--mode", "batch", "--poll-max", 0.2, *extra]
+    """test_run's online command line, in batch mode, polling at most every 0.2 s."""
+    return online_args(index, out, prompt, server, "--mode", "batch", "--poll-max", 0.2, *extra)
 
 
 def image_root(index: Path) -> Path:

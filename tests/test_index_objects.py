@@ -19,6 +19,7 @@ from pipeline.data.index import finds_files, load_index, sample_positions
 from pipeline.errors import IndexFormatError, InputError
 from pipeline.testing import synth
 from pipeline.testing.loopback import expected_caption
+from test_run import run_args
 
 INDEX = Path("outputs/runs/index_batch.json")
 
@@ -66,11 +67,6 @@ def project(tmp_path, monkeypatch):
     names = seed_project(proj)
     monkeypatch.chdir(proj)
     return proj, names
-
-
-def run_args(index: Path, out: Path, prompt: Path, server, *extra: object) -> list[object]:
-    return ["run", "--index", index, "--out", out, "--prompt-file", prompt, "--base-url", server.base_url,
-            "--no-dashboard", *extra]
 
 
 # --------------------------------------------------------------------------------------------- pure parts

@@ -21,11 +21,7 @@ from pipeline.errors import EXIT_MEANINGS, exit_code_for
 from pipeline.ledger.inputs import Inputs, changes_between, check_inputs, ChangedInputs
 from pipeline.ledger.lock import FolderLock, FolderLocked
 from pipeline.run.runner import key_problem, worker_count
-
-
-def run_args(index: Path, out: Path, prompt: Path, server, *extra: object) -> list[object]:
-    return ["run", "--index", index, "--out", out, "--prompt-file", prompt, "--base-url", server.base_url,
-            "--no-dashboard", *extra]
+from test_run import run_args
 
 
 def manifest(out: Path) -> dict:

@@ -91,18 +91,9 @@ def read_lines(c: openai.OpenAI, file_id: str | None) -> dict[str, dict]:
     return out
 
 
-@pytest.fixture
-def srv():
-    s = LoopbackServer().start()
-    try:
-        yield s
-    finally:
-        s.stop()
-
-
-def test_full_lifecycle_answers_each_line_as_chat_would(srv):
-    srv.configure(batch_step_s=0.01)
-    c = client(srv)
+def test_full_lifecycle_answers_each_line_as_chat_would(server):
+    server.configure(batch_step_s=0.01)
+    c = client(server)
     lines = [line(f"img-{i}", body(i)) for i in range(4)]
     lines.append(line("two", body(7, n=2)))
     lines.append(line("json", body(8, schema=True)))
@@ -131,14 +122,14 @@ def test_full_lifecycle_answers_each_line_as_chat_would(srv):
     assert [ch["message"]["content"] for ch in two] == [expected_caption(image(7), 0), expected_caption(image(7), 1)]
     answer = json.loads(got["json"]["response"]["body"]["choices"][0]["message"]["content"])
     assert answer == expected_json(image(8), SCHEMA)
-    st = srv.stats.snapshot()
+    st = server.stats.snapshot()
     assert st["requests"] == 0  # batch lines are not chat requests
     assert st["batches_created"][("f" * 32, "s000001")] == 1
     assert st["batch_calls"]["upload"] == 1 and st["batch_calls"]["create"] == 1
     assert st["batch_lines"]["200"] == 6
-    assert sum(srv.batch_line_stats.snapshot()["ok_digests"].values()) == 6
-    assert json.dumps(srv.stats.as_dict())  # JSON-able for the CLI's STATS line
-    assert srv.batches.batches_for("f" * 32, "s000001")[0]["id"] == b.id
+    assert sum(server.batch_line_stats.snapshot()["ok_digests"].values()) == 6
+    assert json.dumps(server.stats.as_dict())  # JSON-able for the CLI's STATS line
+    assert server.batches.batches_for("f" * 32, "s000001")[0]["id"] == b.id
 
 
 def test_faults_match_the_chat_endpoint_line_for_line():
@@ -183,9 +174,9 @@ def test_faults_match_the_chat_endpoint_line_for_line():
     assert {"stop"} < kinds and len(kinds) >= 3, kinds  # several kinds of answer were compared
 
 
-def test_line_failures_go_to_the_error_file(srv):
-    srv.configure(batch_line_fail_p=0.5, seed=1)
-    c = client(srv)
+def test_line_failures_go_to_the_error_file(server):
+    server.configure(batch_line_fail_p=0.5, seed=1)
+    c = client(server)
     lines = [line(f"x{i}", body(i)) for i in range(20)]
     done, _ = wait(c, submit(c, jsonl(lines)).id)
     assert done.status == "completed"
@@ -199,9 +190,9 @@ def test_line_failures_go_to_the_error_file(srv):
     assert c.files.retrieve(done.error_file_id).purpose == "batch_output"
 
 
-def test_expiry_keeps_finished_lines_and_marks_the_rest(srv):
-    srv.configure(batch_expire_after=3)
-    c = client(srv)
+def test_expiry_keeps_finished_lines_and_marks_the_rest(server):
+    server.configure(batch_expire_after=3)
+    c = client(server)
     lines = [line(f"e{i}", body(i)) for i in range(5)]
     done, seen = wait(c, submit(c, jsonl(lines)).id)
     assert done.status == "expired" and done.expired_at and "finalizing" not in seen
@@ -213,7 +204,7 @@ def test_expiry_keeps_finished_lines_and_marks_the_rest(srv):
     for rec in bad.values():
         assert rec["response"] is None and rec["error"]["code"] == "batch_expired"
     assert done.request_counts.completed == 3 and done.request_counts.failed == 2
-    assert srv.stats.snapshot()["batch_lines"]["expired"] == 2
+    assert server.stats.snapshot()["batch_lines"]["expired"] == 2
 
 
 @pytest.mark.parametrize("case, code, line_no", [
@@ -224,9 +215,9 @@ def test_expiry_keeps_finished_lines_and_marks_the_rest(srv):
     ("url", "url_mismatch", 1),
     ("models", "model_mismatch", 2),
 ])
-def test_validation_failures(srv, case, code, line_no):
-    srv.configure(batch_max_lines=3, batch_max_bytes=10_000)
-    c = client(srv)
+def test_validation_failures(server, case, code, line_no):
+    server.configure(batch_max_lines=3, batch_max_bytes=10_000)
+    c = client(server)
     good = [line(f"v{i}", body(i)) for i in range(3)]
     data = jsonl(good)
     if case == "duplicate":
@@ -245,7 +236,7 @@ def test_validation_failures(srv, case, code, line_no):
     assert done.status == "failed" and done.failed_at
     assert done.errors.data[0].code == code and done.errors.data[0].line == line_no
     assert done.output_file_id is None and done.error_file_id is None
-    assert srv.stats.snapshot()["batch_lines"] == {}
+    assert server.stats.snapshot()["batch_lines"] == {}
 
 
 def test_validate_input_is_pure():
@@ -259,11 +250,11 @@ def test_validate_input_is_pure():
     assert page_of(items, "i3", 5)["has_more"] is False
 
 
-def test_enqueued_token_limit(srv):
-    c = client(srv)
+def test_enqueued_token_limit(server):
+    c = client(server)
     one = jsonl([line(f"t{i}", body(i)) for i in range(3)])
-    per_batch = sum(srv.prompt_tokens_of(body(i)) for i in range(3))
-    srv.configure(batch_enqueued_token_limit=per_batch + 10, batch_step_s=0.05)
+    per_batch = sum(server.prompt_tokens_of(body(i)) for i in range(3))
+    server.configure(batch_enqueued_token_limit=per_batch + 10, batch_step_s=0.05)
     first = submit(c, one)
     wait(c, first.id, until=("in_progress",))
     second, _ = wait(c, submit(c, jsonl([line(f"u{i}", body(i + 10)) for i in range(3)])).id)
@@ -271,14 +262,14 @@ def test_enqueued_token_limit(srv):
     err = second.errors.data[0]
     assert err.code == "token_limit_exceeded" and "Enqueued token limit reached for gpt-4o-mini" in err.message
     assert wait(c, first.id)[0].status == "completed"
-    srv.configure(batch_step_s=0.0)
+    server.configure(batch_step_s=0.0)
     again, _ = wait(c, submit(c, jsonl([line(f"u{i}", body(i + 10)) for i in range(3)])).id)
     assert again.status == "completed"  # the limit freed once the first batch ended
 
 
-def test_cancel_keeps_answered_lines(srv):
-    srv.configure(batch_step_s=0.03)
-    c = client(srv)
+def test_cancel_keeps_answered_lines(server):
+    server.configure(batch_step_s=0.03)
+    c = client(server)
     lines = [line(f"k{i}", body(i)) for i in range(30)]
     b = submit(c, jsonl(lines))
     wait(c, b.id, until=("in_progress",))
@@ -292,11 +283,11 @@ def test_cancel_keeps_answered_lines(srv):
     assert all(r["error"]["code"] == "batch_cancelled" and r["response"] is None for r in bad.values())
     with pytest.raises(openai.BadRequestError):
         c.batches.cancel(b.id)
-    assert srv.stats.snapshot()["batch_calls"]["cancel"] == 2
+    assert server.stats.snapshot()["batch_calls"]["cancel"] == 2
 
 
-def test_lists_paging_retrieve_delete(srv):
-    c = client(srv)
+def test_lists_paging_retrieve_delete(server):
+    c = client(server)
     ids = [submit(c, jsonl([line("a", body(k))]), metadata={"k": str(k)}).id for k in range(5)]
     page = c.batches.list(limit=2)
     assert [b.id for b in page.data] == ids[::-1][:2] and page.has_more
@@ -320,12 +311,12 @@ def test_lists_paging_retrieve_delete(srv):
         c.batches.retrieve("batch_nope")
     with pytest.raises(openai.NotFoundError):
         c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
-    st = srv.stats.snapshot()["batch_calls"]
+    st = server.stats.snapshot()["batch_calls"]
     assert st["delete"] == 1 and st["list"] >= 4 and st["file_list"] >= 2 and st["content"] == 1
 
 
-def test_bad_uploads_and_creates(srv):
-    c = client(srv)
+def test_bad_uploads_and_creates(server):
+    c = client(server)
     with pytest.raises(openai.BadRequestError):
         c.files.create(file=("in.csv", b"x"), purpose="batch")
     with pytest.raises(openai.BadRequestError):
@@ -336,36 +327,36 @@ def test_bad_uploads_and_creates(srv):
     with pytest.raises(openai.BadRequestError):
         c.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h")
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=srv.base_url, api_key="sk-wrong-key-000").files.list().data
-    assert srv.stats.snapshot()["batch_calls"]["create"] == 0
+        openai.OpenAI(base_url=server.base_url, api_key="sk-wrong-key-000").files.list().data
+    assert server.stats.snapshot()["batch_calls"]["create"] == 0
 
 
-def test_held_answers_leave_the_work_done(srv):
+def test_held_answers_leave_the_work_done(server):
     """Kill-test knobs: the server stores the upload / creates the batch, then holds the answer."""
-    srv.configure(batch_delay_upload_s=5.0, batch_delay_create_s=5.0)
-    c = client(srv, max_retries=0, timeout=0.3)
+    server.configure(batch_delay_upload_s=5.0, batch_delay_create_s=5.0)
+    c = client(server, max_retries=0, timeout=0.3)
     with pytest.raises(openai.APITimeoutError):
         c.files.create(file=("held.jsonl", jsonl([line("a", body(0))])), purpose="batch")
-    (stored,) = srv.batches.files.values()
+    (stored,) = server.batches.files.values()
     assert stored.filename == "held.jsonl"
     with pytest.raises(openai.APITimeoutError):
         c.batches.create(input_file_id=stored.id, endpoint="/v1/chat/completions", completion_window="24h",
                          metadata={"reid_prompt_folder": "t", "reid_prompt_shard": "s000002"})
-    srv.configure(batch_delay_upload_s=0.0, batch_delay_create_s=0.0)
-    (b,) = srv.batches.batches_for("t", "s000002")
-    done, _ = wait(client(srv), b["id"])
+    server.configure(batch_delay_upload_s=0.0, batch_delay_create_s=0.0)
+    (b,) = server.batches.batches_for("t", "s000002")
+    done, _ = wait(client(server), b["id"])
     assert done.status == "completed"
 
 
-def test_a_restarted_server_finishes_its_batches(srv):
-    srv.configure(batch_step_s=0.02)
-    c = client(srv)
+def test_a_restarted_server_finishes_its_batches(server):
+    server.configure(batch_step_s=0.02)
+    c = client(server)
     lines = [line(f"r{i}", body(i)) for i in range(10)]
     b = submit(c, jsonl(lines))
     wait(c, b.id, until=("in_progress",))
-    srv.stop()
-    srv.start()
-    done, _ = wait(client(srv), b.id)
+    server.stop()
+    server.start()
+    done, _ = wait(client(server), b.id)
     assert done.status == "completed" and done.request_counts.completed == 10
     assert len(read_lines(c, done.output_file_id)) == 10
 

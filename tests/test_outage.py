@@ -42,16 +42,10 @@ from pipeline.run.outage import (
     time_left,
 )
 from pipeline.run.stats import RunStats
-from pipeline.testing.loopback import expected_caption
+from pipeline.testing.realserver import free_port
+from test_run import check_captions_belong
 
 K = ErrorKind
-
-
-def free_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- pure decisions ----------------------------------------------------------------------------------------
@@ -437,17 +431,6 @@ def error_rows(out: Path) -> list[dict[str, str]]:
     return rows(out / "errors.csv") if (out / "errors.csv").exists() else []
 
 
-def captions_belong(index: Path, out: Path) -> dict[str, dict[str, str]]:
-    idx = json.loads(index.read_text(encoding="utf-8"))
-    root = Path(idx["root"])
-    table = rows(out / "captions_all.csv")
-    ids = [r["image_id"] for r in table]
-    assert len(ids) == len(set(ids)), "an image was captioned twice"
-    for r in table:
-        assert r["caption"] == expected_caption((root / r["image_id"]).read_bytes()), r["image_id"]
-    return {r["image_id"]: r for r in table}
-
-
 def no_crash(*texts: str) -> None:
     for text in texts:
         assert "Traceback" not in text and "internal error" not in text, text
@@ -490,7 +473,7 @@ def test_server_away_for_seconds_mid_run_every_image_captioned_once_no_attempt_s
     no_crash(stdout, stderr)
     assert 6 <= before < n_images  # the server really went away mid-run
     assert "server unreachable for" in stdout + stderr and "(connection refused); probing" in stdout + stderr
-    by_id = captions_belong(fifty, out)
+    by_id = check_captions_belong(fifty, out)
     assert len(by_id) == n_images
     assert error_rows(out) == []
     # a request dropped in flight spends its attempt; refused ones while the server was away do not
@@ -518,7 +501,7 @@ def test_outage_timeout_stops_with_exit_3_and_keeps_what_was_written(server, fif
     assert len(errors) == 1
     assert re.fullmatch(rf"error: cannot reach {re.escape(server.base_url)} since \d\d:\d\d:\d\d \(2 s\): "
                         r"connection refused", errors[0]), errors
-    assert len(captions_belong(fifty, out)) >= before  # rows written before are kept
+    assert len(check_captions_belong(fifty, out)) >= before  # rows written before are kept
     assert error_rows(out) == []
 
 

@@ -9,7 +9,6 @@ modes real servers show: OpenAI-like (n honoured, rate-limit headers), Ollama / 
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 
@@ -35,6 +34,7 @@ from pipeline.providers.capabilities import (
     usage_present,
 )
 from pipeline.run.probe import MAX_REQUESTS, PROBE_SCHEMA
+from pipeline.testing.realserver import free_port
 
 from conftest import KEY, prepare_index
 
@@ -227,12 +227,6 @@ def test_probe_table(cli, server, api_env):
     for words in ("base64 images", "jpeg yes", "n (several choices) ignored", "one caption per request",
                   "rate-limit headers no", "latency x1", "recommended concurrency", "requests sent"):
         assert words in out, words
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_probe_unreachable_is_one_line_exit_3(cli, api_env):

@@ -277,10 +277,13 @@ class BatchService:
 
     def _if_offered(self, handler: Any) -> Any:
         """`batch_api=False`: a chat-only server (vLLM's OpenAI server, Ollama) answers these paths 404,
-        FastAPI's {"detail": "Not Found"}."""
+        FastAPI's {"detail": "Not Found"}. Offered, every path checks the key before its handler runs."""
         async def route(request: web.Request) -> web.StreamResponse:
             if not self.host.config.batch_api:
                 return web.json_response({"detail": "Not Found"}, status=404)
+            bad = self.host._check_auth(request)
+            if bad is not None:
+                return bad
             return await handler(request)
         return route
 
@@ -320,9 +323,6 @@ class BatchService:
 
     # -- /v1/files ------------------------------------------------------------------
     async def _upload(self, request: web.Request) -> web.Response:
-        bad = self.host._check_auth(request)
-        if bad is not None:
-            return bad
         cfg = self.host.config
         purpose: str | None = None
         filename: str | None = None
@@ -367,9 +367,6 @@ class BatchService:
         return self.host._json(200, f.object())
 
     async def _list_files(self, request: web.Request) -> web.Response:
-        bad = self.host._check_auth(request)
-        if bad is not None:
-            return bad
         self._call("file_list")
         purpose = request.query.get("purpose")
         order = request.query.get("order", "desc")
@@ -379,17 +376,11 @@ class BatchService:
                                             _limit(request, 10_000, 10_000)))
 
     async def _retrieve_file(self, request: web.Request) -> web.Response:
-        bad = self.host._check_auth(request)
-        if bad is not None:
-            return bad
         self._call("file_retrieve")
         f = self.files.get(request.match_info["file_id"])
         return self.host._json(200, f.object()) if f else self._not_found("File", request.match_info["file_id"])
 
     async def _content(self, request: web.Request) -> web.Response:
-        bad = self.host._check_auth(request)
-        if bad is not None:
-            return bad
         f = self.files.get(request.match_info["file_id"])
         if f is None:
             return self._not_found("File", request.match_info["file_id"])
@@ -399,9 +390,6 @@ class BatchService:
         return web.Response(status=200, body=data, content_type="application/octet-stream")
 
     async def _delete_file(self, request: web.Request) -> web.Response:
-        bad = self.host._check_auth(request)
-        if bad is not None:
-            return bad
         fid = request.match_info["file_id"]
         if self.files.pop(fid, None) is None:
             return self._not_found("File", fid)
@@ -410,9 +398,6 @@ class BatchService:
 
     # -- /v1/batches ------------------------------------------------------------------
     async def _create(self, request: web.Request) -> web.Response:
-        bad = self.host._check_auth(request)
-        if bad is not None:
-            return bad
         try:
             body = json.loads(await request.read())
             if not isinstance(body, dict):
@@ -461,26 +446,17 @@ class BatchService:
         return self.host._json(200, answer)
 
     async def _list_batches(self, request: web.Request) -> web.Response:
-        bad = self.host._check_auth(request)
-        if bad is not None:
-            return bad
         self._call("list")
         jobs = sorted(self.jobs.values(), key=lambda j: j.seq, reverse=True)
         return self.host._json(200, page_of([j.object() for j in jobs], request.query.get("after"),
                                             _limit(request, 20, 100)))
 
     async def _retrieve(self, request: web.Request) -> web.Response:
-        bad = self.host._check_auth(request)
-        if bad is not None:
-            return bad
         self._call("retrieve")
         job = self.jobs.get(request.match_info["batch_id"])
         return self.host._json(200, job.object()) if job else self._not_found("Batch", request.match_info["batch_id"])
 
     async def _cancel(self, request: web.Request) -> web.Response:
-        bad = self.host._check_auth(request)
-        if bad is not None:
-            return bad
         job = self.jobs.get(request.match_info["batch_id"])
         if job is None:
             return self._not_found("Batch", request.match_info["batch_id"])
